@@ -1,0 +1,303 @@
+"""Checkpoints: safetensors tensors + a JSON state, written atomically, verified by checksum on load.
+
+Layout of a run folder::
+
+    run/config.yaml                     the resolved config
+    run/checkpoints/step_00000100/      one complete checkpoint
+        tensors.safetensors             every tensor: model/..., ema/..., optim/<name>/..., rng/torch
+        state.json                      step, config, optimizer hyper-parameters, python/numpy RNG, sha256 of tensors
+    run/checkpoints/latest              name of the newest complete checkpoint (updated last)
+
+A checkpoint folder is written under a temporary name, every file fsynced, then renamed; ``latest`` is replaced
+atomically after that, and only then are old checkpoints beyond ``keep_last`` deleted. A checkpoint whose checksum
+does not match is reported with its path and resume falls back to the newest good one.
+
+Single-file model exports (``save_model_file``) hold weights in safetensors with the model kind and config as
+JSON in the safetensors metadata: what we ship and what ``e2ediff sample`` loads.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+import shutil
+import warnings
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, safe_open, save, save_file
+
+FORMAT_VERSION = 1
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that is missing, truncated, corrupted or of another model; the message names the path."""
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Atomic file writes
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write to a temporary file in the same folder, fsync, rename over ``path``, fsync the folder."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    _fsync_dir(path.parent)
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    atomic_write_bytes(path, text.encode())
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Optimizer and RNG state as tensors + JSON
+
+
+def optimizer_state(opt: torch.optim.Optimizer, prefix: str) -> tuple[dict[str, torch.Tensor], dict]:
+    sd = opt.state_dict()
+    tensors: dict[str, torch.Tensor] = {}
+    scalars: dict[str, dict] = {}
+    for idx, st in sd["state"].items():
+        for k, v in st.items():
+            if torch.is_tensor(v):
+                tensors[f"{prefix}/state/{idx}/{k}"] = v.detach().cpu().contiguous()
+            else:
+                scalars.setdefault(str(idx), {})[k] = v
+    return tensors, {"param_groups": sd["param_groups"], "scalars": scalars}
+
+
+def load_optimizer_state(opt: torch.optim.Optimizer, prefix: str, tensors: dict[str, torch.Tensor], meta: dict) -> None:
+    state: dict[int, dict] = {}
+    head = f"{prefix}/state/"
+    for key, v in tensors.items():
+        if key.startswith(head):
+            idx, k = key[len(head):].split("/", 1)
+            state.setdefault(int(idx), {})[k] = v
+    for idx, st in meta["scalars"].items():
+        state.setdefault(int(idx), {}).update(st)
+    opt.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
+
+
+def rng_state() -> tuple[dict[str, torch.Tensor], dict]:
+    tensors = {"rng/torch": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        for i, s in enumerate(torch.cuda.get_rng_state_all()):
+            tensors[f"rng/cuda/{i}"] = s
+    np_state = np.random.get_state()
+    meta = {"python": _jsonable(random.getstate()),
+            "numpy": [np_state[0], np_state[1].tolist(), int(np_state[2]), int(np_state[3]), float(np_state[4])]}
+    return tensors, meta
+
+
+def load_rng_state(tensors: dict[str, torch.Tensor], meta: dict) -> None:
+    torch.set_rng_state(tensors["rng/torch"])
+    cuda = [tensors[k] for k in sorted(k for k in tensors if k.startswith("rng/cuda/"))]
+    if cuda and torch.cuda.is_available() and len(cuda) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(cuda)
+    random.setstate(_tuplify(meta["python"]))
+    a, keys, pos, has_gauss, cached = meta["numpy"]
+    np.random.set_state((a, np.array(keys, dtype=np.uint32), pos, has_gauss, cached))
+
+
+def _jsonable(x):
+    return [_jsonable(v) for v in x] if isinstance(x, (tuple, list)) else x
+
+
+def _tuplify(x):
+    return tuple(_tuplify(v) for v in x) if isinstance(x, list) else x
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Training checkpoints
+
+
+def checkpoint_dir(run_dir: Path) -> Path:
+    return Path(run_dir) / "checkpoints"
+
+
+def save_checkpoint(run_dir: Path, step: int, tensors: dict[str, torch.Tensor], state: dict,
+                    keep_last: int = 3) -> Path:
+    """Write ``step_XXXXXXXX/`` atomically, then point ``latest`` at it, then prune old checkpoints."""
+    root = checkpoint_dir(run_dir)
+    root.mkdir(parents=True, exist_ok=True)
+    name = f"step_{step:08d}"
+    final = root / name
+    tmp = root / f".{name}.tmp-{os.getpid()}"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir()
+    tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
+    blob = save(tensors, metadata={"format": "e2ediff-checkpoint", "version": str(FORMAT_VERSION)})
+    with open(tmp / "tensors.safetensors", "wb") as f:
+        f.write(blob)
+        f.flush()
+        os.fsync(f.fileno())
+    state = {**state, "format_version": FORMAT_VERSION, "step": step,
+             "tensors_sha256": hashlib.sha256(blob).hexdigest(), "tensors_bytes": len(blob)}
+    with open(tmp / "state.json", "w") as f:
+        json.dump(state, f, indent=1)
+        f.flush()
+        os.fsync(f.fileno())
+    _fsync_dir(tmp)
+    if final.exists():  # re-saving the same step (e.g. a resumed run that stops at once)
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    _fsync_dir(root)
+    atomic_write_text(root / "latest", name + "\n")
+    for old in sorted(p for p in root.glob("step_*") if p.is_dir())[:-keep_last]:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def load_checkpoint(path: Path) -> tuple[dict[str, torch.Tensor], dict]:
+    """Load and verify one checkpoint folder; raise CheckpointError naming the path if it is bad."""
+    path = Path(path)
+    tensors_path, state_path = path / "tensors.safetensors", path / "state.json"
+    if not state_path.is_file() or not tensors_path.is_file():
+        raise CheckpointError(f"checkpoint {path} is incomplete: expected tensors.safetensors and state.json")
+    try:
+        state = json.loads(state_path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"checkpoint {state_path} is corrupt: {e}") from None
+    expected = state.get("tensors_sha256")
+    if expected is None or sha256_file(tensors_path) != expected:
+        raise CheckpointError(f"checkpoint {tensors_path} is corrupt or truncated: sha256 does not match state.json")
+    try:
+        tensors = load_file(tensors_path)
+    except (SafetensorError, OSError, ValueError) as e:
+        raise CheckpointError(f"checkpoint {tensors_path} cannot be read: {e}") from None
+    return tensors, state
+
+
+def latest_checkpoint(run_dir: Path) -> tuple[Path, dict[str, torch.Tensor], dict] | None:
+    """The newest checkpoint of a run that verifies, or None. A bad one is reported and skipped."""
+    root = checkpoint_dir(run_dir)
+    if not root.is_dir():
+        return None
+    candidates = sorted((p for p in root.glob("step_*") if p.is_dir()), reverse=True)
+    pointer = root / "latest"
+    if pointer.is_file():
+        named = root / pointer.read_text().strip()
+        if named in candidates:  # try the pointer first, then everything older or newer by step
+            candidates.remove(named)
+            candidates.insert(0, named)
+    for path in candidates:
+        try:
+            tensors, state = load_checkpoint(path)
+        except CheckpointError as e:
+            warnings.warn(f"{e}; falling back to an earlier checkpoint", stacklevel=2)
+            continue
+        return path, tensors, state
+    return None
+
+
+def split_prefix(tensors: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
+    head = prefix.rstrip("/") + "/"
+    return {k[len(head):]: v for k, v in tensors.items() if k.startswith(head)}
+
+
+def with_prefix(state_dict: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
+    return {f"{prefix}/{k}": v for k, v in state_dict.items()}
+
+
+def load_state_strict(module: torch.nn.Module, state_dict: dict[str, torch.Tensor], source: str) -> None:
+    """load_state_dict with a message that names the file and the mismatching keys/shapes."""
+    own = module.state_dict()
+    missing = sorted(set(own) - set(state_dict))
+    extra = sorted(set(state_dict) - set(own))
+    shapes = [f"{k}: file {tuple(state_dict[k].shape)} vs model {tuple(own[k].shape)}"
+              for k in own if k in state_dict and own[k].shape != state_dict[k].shape]
+    if missing or extra or shapes:
+        parts = []
+        if missing:
+            parts.append(f"missing {missing[:4]}{' …' if len(missing) > 4 else ''}")
+        if extra:
+            parts.append(f"unexpected {extra[:4]}{' …' if len(extra) > 4 else ''}")
+        if shapes:
+            parts.append(f"shape mismatch {shapes[:3]}{' …' if len(shapes) > 3 else ''}")
+        raise CheckpointError(f"{source} does not fit this model ({type(module).__name__}): " + "; ".join(parts))
+    module.load_state_dict(state_dict)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Single-file model exports
+
+
+def save_model_file(path: Path, state_dict: dict[str, torch.Tensor], meta: dict[str, Any],
+                    dtype: torch.dtype | None = None) -> None:
+    """One safetensors file: weights (optionally cast) + ``meta`` as JSON under the metadata key ``e2ediff``."""
+    tensors = {k: (v.to(dtype) if dtype is not None and v.is_floating_point() else v).detach().cpu().contiguous()
+               for k, v in state_dict.items()}
+    blob = save(tensors, metadata={"e2ediff": json.dumps(meta)})
+    atomic_write_bytes(Path(path), blob)
+
+
+def read_model_meta(path: Path) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"model file {path} does not exist")
+    try:
+        with safe_open(path, framework="pt") as f:
+            meta = f.metadata() or {}
+    except (SafetensorError, OSError, ValueError) as e:
+        raise CheckpointError(f"model file {path} is not a readable safetensors file: {e}") from None
+    if "e2ediff" not in meta:
+        raise CheckpointError(f"model file {path} has no e2ediff metadata (not written by e2ediff export)")
+    return json.loads(meta["e2ediff"])
+
+
+def load_model_file(path: Path) -> tuple[dict[str, torch.Tensor], dict]:
+    meta = read_model_meta(path)
+    try:
+        tensors = load_file(Path(path))
+    except (SafetensorError, OSError, ValueError) as e:
+        raise CheckpointError(f"model file {path} cannot be read: {e}") from None
+    return {k: v.float() if v.is_floating_point() else v for k, v in tensors.items()}, meta
+
+
+def save_file_atomic(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str] | None = None) -> None:
+    atomic_write_bytes(Path(path), save({k: v.detach().cpu().contiguous() for k, v in tensors.items()},
+                                        metadata=metadata))
+
+
+__all__ = [
+    "CheckpointError", "atomic_write_bytes", "atomic_write_text", "save_checkpoint", "load_checkpoint",
+    "latest_checkpoint", "optimizer_state", "load_optimizer_state", "rng_state", "load_rng_state",
+    "split_prefix", "with_prefix", "load_state_strict", "save_model_file", "load_model_file", "read_model_meta",
+    "save_file_atomic", "sha256_file", "save_file",
+]

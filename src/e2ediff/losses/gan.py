@@ -1,0 +1,114 @@
+"""Caption-conditioned discriminators and GAN losses for the L2+LPIPS+GAN row of the E2EDiff ablation (Table 2).
+
+Discriminators use projection conditioning (Miyato & Koyama 2018, "cGANs with Projection Discriminator"):
+    logit = ψ(φ(x)) + <embed(c), φ(x)>,
+with φ a conv trunk ending in a global sum pool, ψ a linear head and embed a linear map of the pooled caption.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+
+def _maybe_sn(layer: nn.Module, spectral_norm: bool) -> nn.Module:
+    return nn.utils.parametrizations.spectral_norm(layer) if spectral_norm else layer
+
+
+class ProjectionDiscriminator(nn.Module):
+    """Conv trunk that halves the resolution down to 4x4, global sum pool, projection head.
+
+    x: [B, in_channels, size, size], pooled: [B, text_dim] -> logits [B].
+    """
+
+    def __init__(self, in_channels: int, size: int, text_dim: int, hidden: int, spectral_norm: bool = False):
+        super().__init__()
+        if size < 4 or size & (size - 1):
+            raise ValueError(f"size = {size}; expected a power of two >= 4")
+        self.in_channels, self.size, self.text_dim = in_channels, size, text_dim
+        layers: list[nn.Module] = [_maybe_sn(nn.Conv2d(in_channels, hidden, 3, padding=1), spectral_norm),
+                                   nn.LeakyReLU(0.2)]
+        width = hidden
+        for _ in range(int(math.log2(size // 4))):                 # size -> 4, doubling width
+            layers += [_maybe_sn(nn.Conv2d(width, 2 * width, 4, stride=2, padding=1), spectral_norm),
+                       nn.LeakyReLU(0.2)]
+            width *= 2
+        layers += [_maybe_sn(nn.Conv2d(width, width, 3, padding=1), spectral_norm), nn.LeakyReLU(0.2)]
+        self.trunk = nn.Sequential(*layers)
+        self.features = width
+        self.psi = _maybe_sn(nn.Linear(width, 1), spectral_norm)
+        self.embed = _maybe_sn(nn.Linear(text_dim, width, bias=False), spectral_norm)
+
+    def forward(self, x: Tensor, pooled: Tensor) -> Tensor:
+        if x.shape[1:] != (self.in_channels, self.size, self.size):
+            raise ValueError(f"x has shape {tuple(x.shape)}; expected [B, {self.in_channels}, {self.size}, {self.size}]")
+        if pooled.shape != (x.shape[0], self.text_dim):
+            raise ValueError(f"pooled has shape {tuple(pooled.shape)}; expected {(x.shape[0], self.text_dim)}")
+        phi = self.trunk(x).sum((2, 3))                              # φ(x): [B, F], global sum pool
+        return self.psi(phi).squeeze(1) + (self.embed(pooled) * phi).sum(1)   # ψ(φ) + <embed(c), φ>
+
+
+class LatentDiscriminator(ProjectionDiscriminator):
+    """Discriminator on latents [B, latent_channels, size, size] (default [B, 4, 8, 8])."""
+
+    def __init__(self, latent_channels: int = 4, size: int = 8, text_dim: int = 384, hidden: int = 64,
+                 spectral_norm: bool = False):
+        super().__init__(latent_channels, size, text_dim, hidden, spectral_norm)
+
+
+class PixelDiscriminator(ProjectionDiscriminator):
+    """Discriminator on images in [-1, 1], [B, channels, size, size] (default Fashion-MNIST [B, 1, 32, 32])."""
+
+    def __init__(self, channels: int = 1, size: int = 32, text_dim: int = 384, hidden: int = 32,
+                 spectral_norm: bool = False):
+        super().__init__(channels, size, text_dim, hidden, spectral_norm)
+
+
+def d_hinge(real_logits: Tensor, fake_logits: Tensor) -> Tensor:
+    """Hinge discriminator loss: relu(1 − D(x)) + relu(1 + D(G(z))). [B], [B] -> [B]."""
+    return F.relu(1.0 - real_logits) + F.relu(1.0 + fake_logits)
+
+
+def g_hinge(fake_logits: Tensor) -> Tensor:
+    """Hinge generator loss: −D(G(z)). [B] -> [B]."""
+    return -fake_logits
+
+
+def d_nonsaturating(real_logits: Tensor, fake_logits: Tensor) -> Tensor:
+    """Non-saturating (logistic) discriminator loss: softplus(−D(x)) + softplus(D(G(z))). [B], [B] -> [B]."""
+    return F.softplus(-real_logits) + F.softplus(fake_logits)
+
+
+def g_nonsaturating(fake_logits: Tensor) -> Tensor:
+    """Non-saturating generator loss: softplus(−D(G(z))) = −log σ(D(G(z))). [B] -> [B]."""
+    return F.softplus(-fake_logits)
+
+
+def r1_penalty(d_fn, real_x: Tensor, pooled: Tensor) -> Tensor:
+    """R1 gradient penalty ‖∇_x D(x, c)‖² on real data (Mescheder et al. 2018). -> [B].
+
+    d_fn(x, pooled) -> logits [B]. The graph is kept (create_graph=True) so the penalty trains D;
+    the call site multiplies by γ/2 and averages.
+    """
+    x = real_x.detach().requires_grad_(True)
+    logits = d_fn(x, pooled)
+    (grad,) = torch.autograd.grad(logits.sum(), x, create_graph=True)
+    return grad.square().flatten(1).sum(1)
+
+
+def adaptive_gan_weight(rec_loss: Tensor, gan_loss: Tensor, last_layer_param: Tensor,
+                        max_weight: float = 1e4) -> Tensor:
+    """VQGAN's adaptive weight (Esser et al. 2021, Eq. 7): ‖∇_L L_rec‖ / (‖∇_L L_GAN‖ + 1e-4), clamped, detached.
+
+    rec_loss, gan_loss: scalars that depend on last_layer_param (the generator's last layer weight).
+    Returns a detached scalar in [0, max_weight]; both graphs are retained for the caller's backward.
+    """
+    if rec_loss.dim() != 0 or gan_loss.dim() != 0:
+        raise ValueError(f"rec_loss has shape {tuple(rec_loss.shape)} and gan_loss {tuple(gan_loss.shape)}; "
+                         "expected scalars (average the per-sample losses first)")
+    (rec_grad,) = torch.autograd.grad(rec_loss, last_layer_param, retain_graph=True)
+    (gan_grad,) = torch.autograd.grad(gan_loss, last_layer_param, retain_graph=True)
+    weight = torch.linalg.vector_norm(rec_grad) / (torch.linalg.vector_norm(gan_grad) + 1e-4)
+    return weight.clamp(0.0, max_weight).detach()

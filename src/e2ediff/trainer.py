@@ -1,0 +1,325 @@
+"""The one training loop every command uses (autoencoder, teacher, LCM distillation, E2E fine-tuning).
+
+A command describes its work as a ``Task``: the trained parts (a module, its optimizer settings, its EMA decay), how
+to draw the batch of a given step, and the loss of each part. The loop owns everything else: accelerate (one process
+is world size 1), AdamW, warm-up, gradient clipping, EMA, non-finite skipping, logging, atomic checkpoints and exact
+resume.
+
+Reproducibility: every random draw of step ``s`` on process ``r`` comes from a generator seeded by
+``(seed, s, r)``, and the data order of each epoch is a permutation seeded by ``(seed, epoch)``. A resumed run
+therefore sees exactly the batches and noises of an uninterrupted one; the checkpoint holds weights, EMA, optimizer
+state and the global RNG states as well.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import sys
+import time
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+from e2ediff.checkpoint import (latest_checkpoint, load_optimizer_state, load_rng_state, load_state_strict,
+                                optimizer_state, rng_state, save_checkpoint, save_model_file, split_prefix,
+                                with_prefix, CheckpointError)
+from e2ediff.config import OptimConfig, TrainConfig, dump_yaml, to_dict
+from e2ediff.ema import EMA
+
+
+class TrainingStopped(RuntimeError):
+    """The run stopped on purpose (e.g. too many non-finite steps); a checkpoint was written first."""
+
+
+@dataclass
+class Part:
+    """One trained module with its optimizer; ``name`` prefixes its tensors in the checkpoint."""
+
+    name: str
+    module: nn.Module
+    optim: OptimConfig
+    ema_decay: float = 0.0
+
+
+class Task:
+    """What a command gives the loop. Subclasses set ``parts`` and implement ``losses``."""
+
+    kind: str = "task"
+    parts: list[Part]
+
+    def losses(self, step: int, generator: torch.Generator) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
+        """Draw the step's batch and return ({part name: scalar loss}, {log name: value})."""
+        raise NotImplementedError
+
+    def after_step(self, step: int) -> None:
+        """Called after the optimizer steps of ``step`` (e.g. the LCM target network's EMA)."""
+
+    def extra_tensors(self) -> dict[str, torch.Tensor]:
+        return {}
+
+    def load_extra_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
+        pass
+
+    def export(self, weights: dict[str, dict[str, torch.Tensor]]) -> tuple[dict[str, torch.Tensor], dict] | None:
+        """What ``model.safetensors`` holds, given each part's sampling weights (its EMA where it has one):
+        (tensors, metadata), or None for nothing."""
+        return None
+
+    def module(self, name: str) -> nn.Module:
+        """The module of part ``name`` as the loop prepared it (DDP-wrapped on several GPUs): call this in ``losses``."""
+        prepared = getattr(self, "_prepared", None)
+        if prepared is not None:
+            return prepared[name]
+        return next(p.module for p in self.parts if p.name == name)
+
+
+def step_generator(seed: int, step: int, rank: int, device: torch.device) -> torch.Generator:
+    digest = hashlib.sha256(f"{seed}/{step}/{rank}".encode()).digest()
+    g = torch.Generator(device=device)
+    g.manual_seed(int.from_bytes(digest[:8], "little") & ((1 << 63) - 1))
+    return g
+
+
+class BatchStream:
+    """Indices of the batch of step ``s``: epoch-wise permutations seeded by (seed, epoch), split over processes."""
+
+    def __init__(self, n: int, batch_size: int, seed: int, rank: int = 0, world: int = 1):
+        if n < 1:
+            raise ValueError("the training set is empty")
+        if batch_size % world:
+            raise ValueError(f"train.batch_size={batch_size} must be divisible by the number of processes ({world})")
+        self.n, self.batch_size, self.seed, self.rank, self.world = n, batch_size, seed, rank, world
+        self._cache: dict[int, torch.Tensor] = {}
+
+    def _perm(self, epoch: int) -> torch.Tensor:
+        if epoch not in self._cache:
+            if len(self._cache) > 4:
+                self._cache.clear()
+            g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+            self._cache[epoch] = torch.randperm(self.n, generator=g)
+        return self._cache[epoch]
+
+    def indices(self, step: int) -> torch.Tensor:
+        start = step * self.batch_size
+        pos = torch.arange(start, start + self.batch_size)
+        epochs, offsets = pos // self.n, pos % self.n
+        idx = torch.empty_like(pos)
+        for e in epochs.unique().tolist():
+            sel = epochs == e
+            idx[sel] = self._perm(e)[offsets[sel]]
+        per = self.batch_size // self.world
+        return idx[self.rank * per:(self.rank + 1) * per]
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise RuntimeError(f"train.device={name} but no CUDA device is available")
+    return torch.device(name)
+
+
+class MetricsLog:
+    """metrics.jsonl (truncated to the resume step) + tensorboard when installed."""
+
+    def __init__(self, run_dir: Path, resume_step: int, enabled: bool):
+        self.enabled = enabled
+        self.path = run_dir / "metrics.jsonl"
+        self.tb = None
+        if not enabled:
+            return
+        if self.path.exists():
+            kept = [line for line in self.path.read_text().splitlines()
+                    if line.strip() and json.loads(line).get("step", 0) <= resume_step]
+            self.path.write_text("".join(line + "\n" for line in kept))
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.tb = SummaryWriter(str(run_dir / "tensorboard"), purge_step=resume_step + 1)
+        except Exception as e:  # tensorboard missing on a bare GPU image: the JSONL log still works
+            warnings.warn(f"tensorboard logging disabled: {e}", stacklevel=2)
+
+    def write(self, step: int, values: dict[str, float]) -> None:
+        if not self.enabled:
+            return
+        with open(self.path, "a") as f:
+            f.write(json.dumps({"step": step, **values}) + "\n")
+        if self.tb is not None:
+            for k, v in values.items():
+                self.tb.add_scalar(k, v, step)
+
+    def close(self) -> None:
+        if self.tb is not None:
+            self.tb.close()
+
+
+def _lr_lambda(warmup: int) -> Callable[[int], float]:
+    return lambda s: 1.0 if warmup <= 0 else min(1.0, (s + 1) / warmup)
+
+
+def train(task: Task, cfg: TrainConfig, run_dir: Path, run_config: Any, command: str,
+          accelerator=None) -> dict[str, float]:
+    """Run (or resume) ``task`` up to ``cfg.steps`` optimizer steps. Returns the last logged values."""
+    from accelerate import Accelerator
+
+    run_dir = Path(run_dir)
+    if cfg.deterministic:
+        torch.use_deterministic_algorithms(True, warn_only=False)
+    if accelerator is None:
+        device = resolve_device(cfg.device)
+        accelerator = Accelerator(cpu=device.type == "cpu", mixed_precision=cfg.mixed_precision)
+    main = accelerator.is_main_process
+    if main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        dump_yaml(run_config, run_dir / "config.yaml", command=command)
+
+    optimizers, schedulers, emas = {}, {}, {}
+    for part in task.parts:
+        part.module.to(accelerator.device)
+        params = [p for p in part.module.parameters() if p.requires_grad]
+        if not params:
+            raise ValueError(f"part {part.name!r} has no trainable parameters")
+        o = part.optim
+        optimizers[part.name] = torch.optim.AdamW(params, lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps,
+                                                  weight_decay=o.weight_decay)
+        schedulers[part.name] = torch.optim.lr_scheduler.LambdaLR(optimizers[part.name], _lr_lambda(o.warmup_steps))
+        if part.ema_decay > 0:
+            emas[part.name] = EMA(part.module, part.ema_decay)
+
+    # Resume from the newest good checkpoint of this run folder.
+    start = 0
+    found = latest_checkpoint(run_dir)
+    if found is not None:
+        path, tensors, state = found
+        saved_kind = state.get("kind")
+        if saved_kind != task.kind:
+            raise CheckpointError(f"{path} was written by {saved_kind!r} training, not {task.kind!r}; "
+                                  f"use another --run-dir")
+        for part in task.parts:
+            load_state_strict(part.module, split_prefix(tensors, f"{part.name}"), f"{path} ({part.name})")
+            load_optimizer_state(optimizers[part.name], f"optim/{part.name}", tensors, state["optim"][part.name])
+            schedulers[part.name].load_state_dict(state["sched"][part.name])
+            if part.name in emas:
+                emas[part.name].load_state_dict(split_prefix(tensors, f"ema/{part.name}"))
+        task.load_extra_tensors(split_prefix(tensors, "extra"))
+        load_rng_state(tensors, state["rng"])
+        start = int(state["step"])
+        if main:
+            print(f"resumed from {path} at step {start}", file=sys.stderr)
+
+    modules = accelerator.prepare(*[p.module for p in task.parts])
+    if len(task.parts) == 1:
+        modules = [modules]
+    task._prepared = {p.name: m for p, m in zip(task.parts, modules)}
+    prepared_opts = accelerator.prepare(*[optimizers[p.name] for p in task.parts])
+    if len(task.parts) == 1:
+        prepared_opts = [prepared_opts]
+    opts = {p.name: o for p, o in zip(task.parts, prepared_opts)}
+
+    def write_checkpoint(step: int) -> None:
+        accelerator.wait_for_everyone()
+        if not main:
+            return
+        tensors: dict[str, torch.Tensor] = {}
+        meta: dict[str, Any] = {"kind": task.kind, "config": to_dict(run_config), "command": command,
+                                "optim": {}, "sched": {}}
+        for part in task.parts:
+            module = accelerator.unwrap_model(part.module)
+            tensors.update(with_prefix(module.state_dict(), part.name))
+            t, m = optimizer_state(optimizers[part.name], f"optim/{part.name}")
+            tensors.update(t)
+            meta["optim"][part.name] = m
+            meta["sched"][part.name] = schedulers[part.name].state_dict()
+            if part.name in emas:
+                tensors.update(with_prefix(emas[part.name].state_dict(), f"ema/{part.name}"))
+        tensors.update(with_prefix(task.extra_tensors(), "extra"))
+        t, m = rng_state()
+        tensors.update(t)
+        meta["rng"] = m
+        save_checkpoint(run_dir, step, tensors, meta, keep_last=cfg.keep_last)
+        weights = {p.name: emas[p.name].state_dict() if p.name in emas
+                   else accelerator.unwrap_model(p.module).state_dict() for p in task.parts}
+        exported = task.export(weights)
+        if exported is not None:
+            model_tensors, model_meta = exported
+            save_model_file(run_dir / "model.safetensors", model_tensors,
+                            {**model_meta, "step": step, "run_config": to_dict(run_config), "command": command})
+
+    log = MetricsLog(run_dir, start, main)
+    last: dict[str, float] = {}
+    nonfinite = 0
+    t0 = time.perf_counter()
+    progress = None
+    if cfg.progress and main and start < cfg.steps:
+        from tqdm.auto import tqdm
+
+        progress = tqdm(total=cfg.steps, initial=start, desc=command, dynamic_ncols=True, file=sys.stderr)
+    step = start
+    try:
+        for step in range(start, cfg.steps):
+            gen = step_generator(cfg.seed, step, accelerator.process_index, accelerator.device)
+            with accelerator.autocast():
+                losses, logs = task.losses(step, gen)
+            ok = all(torch.isfinite(v).all() for v in losses.values())
+            grad_norms = {}
+            if ok:
+                for part in task.parts:
+                    opt = opts[part.name]
+                    opt.zero_grad(set_to_none=True)
+                    accelerator.backward(losses[part.name])
+                    params = [p for g in optimizers[part.name].param_groups for p in g["params"]]
+                    clip = part.optim.grad_clip if part.optim.grad_clip > 0 else math.inf
+                    norm = accelerator.clip_grad_norm_(params, clip)
+                    norm = float(norm) if norm is not None else 0.0
+                    grad_norms[part.name] = norm
+                    if not math.isfinite(norm):
+                        opt.zero_grad(set_to_none=True)
+                        ok = False
+                        break
+                    opt.step()
+                    schedulers[part.name].step()
+                    if part.name in emas:
+                        emas[part.name].update(accelerator.unwrap_model(part.module))
+            if ok:
+                nonfinite = 0
+                task.after_step(step)
+            else:
+                nonfinite += 1
+                for opt in opts.values():
+                    opt.zero_grad(set_to_none=True)
+                warnings.warn(f"step {step + 1}: non-finite loss or gradient "
+                              f"({ {k: float(v.detach()) for k, v in losses.items()} }, grad norms {grad_norms}); "
+                              f"step skipped ({nonfinite} in a row)", stacklevel=2)
+                if nonfinite >= cfg.max_nonfinite:
+                    write_checkpoint(step + 1)
+                    raise TrainingStopped(
+                        f"stopped at step {step + 1}: {nonfinite} non-finite steps in a row "
+                        f"(train.max_nonfinite={cfg.max_nonfinite}); checkpoint written to {run_dir}/checkpoints. "
+                        f"Lower the learning rate or check the data.")
+            done = step + 1
+            if done % cfg.log_every == 0 or done == cfg.steps:
+                last = {**{f"loss/{k}": float(v.detach()) for k, v in losses.items()},
+                        **{f"grad_norm/{k}": v for k, v in grad_norms.items()},
+                        **{k: float(v) for k, v in logs.items()},
+                        "lr": schedulers[task.parts[0].name].get_last_lr()[0],
+                        "sec_per_step": (time.perf_counter() - t0) / max(1, done - start)}
+                log.write(done, last)
+                if progress is not None:
+                    progress.set_postfix({k.split("/")[-1]: f"{v:.4g}" for k, v in last.items()
+                                          if k.startswith("loss/")})
+            if progress is not None:
+                progress.update(1)
+            if done % cfg.checkpoint_every == 0 or done == cfg.steps:
+                write_checkpoint(done)
+        if start >= cfg.steps and main:
+            print(f"nothing to do: the run is already at step {start} >= train.steps={cfg.steps}", file=sys.stderr)
+    finally:
+        if progress is not None:
+            progress.close()
+        log.close()
+    return last
