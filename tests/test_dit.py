@@ -179,6 +179,10 @@ def test_guidance_embedding_starts_at_zero():
     ref = teacher(x, t, cond)
     assert torch.equal(student(x, t, cond, w=torch.tensor([1.0, 4.0, 8.0])), ref)
     assert torch.equal(student(x, t, cond, w=3.0), ref)
+    with pytest.raises(ValueError, match="w"):
+        student(x, t, cond)
+    with pytest.raises(ValueError, match="shape"):
+        student(x, t, cond, w=torch.ones(2))
     with torch.no_grad():  # once trained, w does change the output
         student.w_embedder[2].weight.normal_(0.0, 0.1, generator=torch.Generator().manual_seed(0))
     assert not torch.allclose(student(x, t, cond, w=torch.tensor([1.0, 4.0, 8.0])),

@@ -6,7 +6,6 @@ autoencoder configs, the noise schedule, the parameterization, the default sampl
 """
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -16,10 +15,7 @@ from torch import nn
 from e2ediff.checkpoint import CheckpointError, load_model_file, load_state_strict, split_prefix, with_prefix
 from e2ediff.conditioning import TextCond
 from e2ediff.config import DataConfig, from_dict
-
-
-def cache_dir() -> Path:
-    return Path(os.environ.get("E2EDIFF_CACHE", Path.home() / ".cache" / "e2ediff"))
+from e2ediff.data.fashion_mnist import cache_dir
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -99,17 +95,18 @@ class TrainingData:
         return self.images[idx], self.cond(caps), self.labels[idx], caps
 
 
+def default_prompt_cache_path(captions: list[str], max_length: int = 16) -> Path:
+    """Where the commands keep the MiniLM features of a caption list (named by the cache key)."""
+    from e2ediff.models.text import ENCODER_NAME, cache_key
+
+    return cache_dir() / f"prompts-{cache_key(ENCODER_NAME, list(captions), max_length)[:16]}.safetensors"
+
+
 def load_prompt_cache(captions: list[str], path: str | Path | None):
     """The caption-feature cache for exactly ``captions``: read if present (validated), else built with MiniLM."""
     from e2ediff.models.text import ENCODER_NAME, PromptCache
 
-    if path is None:
-        import hashlib
-        import json
-
-        key = hashlib.sha256(json.dumps({"encoder": ENCODER_NAME, "captions": list(captions)}).encode()).hexdigest()
-        path = cache_dir() / f"prompts-{key[:16]}.safetensors"
-    path = Path(path)
+    path = Path(path) if path is not None else default_prompt_cache_path(captions)
     if path.exists():
         return PromptCache.load(path, expect_captions=list(captions), expect_encoder=ENCODER_NAME)
     return PromptCache.get_or_build(path, list(captions))

@@ -70,7 +70,7 @@ def _device(name: str) -> torch.device:
 
 
 def cmd_encode_prompts(args) -> None:
-    from e2ediff.assets import cache_dir
+    from e2ediff.assets import default_prompt_cache_path
     from e2ediff.data.fashion_mnist import class_captions
     from e2ediff.models.text import PromptCache
 
@@ -84,13 +84,7 @@ def cmd_encode_prompts(args) -> None:
         captions, _ = class_captions()
     cache = PromptCache.build(captions)
     if args.output is None:
-        from e2ediff.assets import load_prompt_cache  # noqa: F401  (same naming rule as the training commands)
-        import hashlib
-
-        from e2ediff.models.text import ENCODER_NAME
-
-        key = hashlib.sha256(json.dumps({"encoder": ENCODER_NAME, "captions": captions}).encode()).hexdigest()
-        args.output = cache_dir() / f"prompts-{key[:16]}.safetensors"
+        args.output = default_prompt_cache_path(captions)
     cache.save(args.output)
     print(f"{len(captions)} captions encoded -> {args.output}")
 

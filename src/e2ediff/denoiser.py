@@ -8,8 +8,6 @@ classifier-free guidance as a wrapper with the same contract.
 """
 from __future__ import annotations
 
-from typing import Protocol
-
 import torch
 from torch import Tensor, nn
 
@@ -17,10 +15,6 @@ from e2ediff.conditioning import TextCond
 from e2ediff.schedules import VPSchedule
 
 PREDICTIONS = ("eps", "v", "x0")
-
-
-class Network(Protocol):
-    def __call__(self, x: Tensor, t: Tensor, cond: TextCond, w: Tensor | None = None) -> Tensor: ...
 
 
 # Exact conversions. z, eps, x0, v: [B, ...]; a, s broadcastable ([B, 1, ..., 1]).
@@ -111,7 +105,7 @@ def lcm_boundary(t: Tensor | float, timestep_scaling: float = 10.0, sigma_data: 
     return sigma_data ** 2 / denom, ts / denom.sqrt()
 
 
-def _as_data_scale(c: Tensor, like: Tensor) -> Tensor:
+def broadcast_like(c: Tensor, like: Tensor) -> Tensor:
     """[B] (or []) float64 → [B, 1, ..., 1] in like's dtype and device."""
     return c.to(device=like.device, dtype=like.dtype).reshape(-1, *([1] * (like.ndim - 1)))
 
@@ -121,7 +115,7 @@ def consistency_fn(denoiser: nn.Module, z_t: Tensor, t: Tensor | float, cond: Te
     """The consistency model's output f_θ(z_t, t) = c_skip(t)·z_t + c_out(t)·D(z_t, t) (LCM Eq. 9). [B, ...]."""
     t = timestep_batch(t, z_t)
     c_skip, c_out = lcm_boundary(t, timestep_scaling, sigma_data)
-    return _as_data_scale(c_skip, z_t) * z_t + _as_data_scale(c_out, z_t) * denoiser(z_t, t, cond, w=w)
+    return broadcast_like(c_skip, z_t) * z_t + broadcast_like(c_out, z_t) * denoiser(z_t, t, cond, w=w)
 
 
 class GuidedDenoiser(nn.Module):

@@ -35,7 +35,8 @@ class SamplerSpec:
 
         if self.timesteps is not None:
             return list(self.timesteps)
-        return ddim_timesteps(self.steps) if self.name == "ddim" else lcm_timesteps(self.steps)
+        # DDIM: trailing spacing, so the first step starts at t = T − 1 from pure noise (Lin et al. 2024)
+        return ddim_timesteps(self.steps, spacing="trailing") if self.name == "ddim" else lcm_timesteps(self.steps)
 
     @property
     def nfe(self) -> int:

@@ -15,7 +15,7 @@ import torch.utils.checkpoint
 from torch import Tensor, nn
 
 from e2ediff.conditioning import TextCond
-from e2ediff.denoiser import _as_data_scale, consistency_fn, guided, lcm_boundary
+from e2ediff.denoiser import broadcast_like, consistency_fn, guided, lcm_boundary
 
 # step_fn(z, t, t_prev, noise) -> next z. t, t_prev: float tensors [B] (t_prev = −1 on the last step: clean data);
 # noise: the step's fresh noise [B, ...] or None.
@@ -93,7 +93,7 @@ def ddim(denoiser: nn.Module, noise: Tensor, timesteps: Sequence[int], cond: Tex
     """DDIM (Song et al. 2021, Eq. 12) from z_{t_0} = noise [B, ...] along descending `timesteps`; the last step goes
     to ᾱ = 1, so the result is that step's x0 prediction. eta = 0: deterministic; eta = 1: DDPM-like ancestral
     noise σ_t(η) of Eq. 16, drawn from `generator` (K − 1 draws shaped like noise, in step order).
-    guidance != 1 applies classifier-free guidance (denoiser.guided). Returns [B, ...]."""
+    guidance != 1 applies classifier-free guidance (e2ediff.denoiser.guided). Returns [B, ...]."""
     schedule = denoiser.schedule
     steps = check_timesteps(timesteps, schedule.T)
     if eta < 0:
@@ -109,9 +109,9 @@ def ddim(denoiser: nn.Module, noise: Tensor, timesteps: Sequence[int], cond: Tex
         sigma = eta * ((1 - abar_prev) / (1 - abar) * (1 - abar / abar_prev)).clamp_min(0).sqrt()
         direction = (1 - abar_prev - sigma ** 2).clamp_min(0).sqrt()
         # Eq. 12: z_prev = sqrt(ᾱ_prev)·x0 + sqrt(1 − ᾱ_prev − σ²)·ε_θ + σ·ε
-        z = _as_data_scale(abar_prev.sqrt(), z) * x0 + _as_data_scale(direction, z) * eps
+        z = broadcast_like(abar_prev.sqrt(), z) * x0 + broadcast_like(direction, z) * eps
         if eps_new is not None:
-            z = z + _as_data_scale(sigma, z) * eps_new
+            z = z + broadcast_like(sigma, z) * eps_new
         return z
 
     return unroll(step, noise, steps, noises=noises)
@@ -134,7 +134,8 @@ def lcm(denoiser: nn.Module, noise: Tensor, timesteps: Sequence[int], cond: Text
                 each step: x0 = D(sqrt(ᾱ_{t_i})·y, t_i); denoised = c_skip·y + c_out·x0;
                 y = denoised + σ_{t_{i+1}}·ε_i.
                 With boundary=False it equals "vp" exactly (y·sqrt(ᾱ) is then the VP latent); with the boundary
-                the skip term acts on y instead of z (different only where c_skip is not ≈ 0, i.e. t ≲ 20).
+                the skip term acts on y instead of z; c_skip(t) = 0.25/((10t)² + 0.25) < 1e-5 for t ≥ 16, so the
+                two differ visibly only on steps near t = 0.
     noises: the K − 1 fresh noises in step order; else drawn from `generator` in that order (the same stream
     diffusers' LCMScheduler.step draws). checkpoint / grad_from_step: see `unroll`.
     """
@@ -143,13 +144,6 @@ def lcm(denoiser: nn.Module, noise: Tensor, timesteps: Sequence[int], cond: Text
     if renoise not in ("vp", "ve"):
         raise ValueError(f"lcm: renoise must be 'vp' or 've', got {renoise!r}")
     step_noises = draw_noises(noise, len(steps) - 1, generator, noises, "lcm") + [None]
-
-    def denoise(z_model: Tensor, z_skip: Tensor, t: Tensor) -> Tensor:
-        x0 = denoiser(z_model, t, cond, w=w)
-        if not boundary:
-            return x0
-        c_skip, c_out = lcm_boundary(t)
-        return _as_data_scale(c_skip, z_skip) * z_skip + _as_data_scale(c_out, x0) * x0
 
     def vp_step(z: Tensor, t: Tensor, t_prev: Tensor, eps: Tensor | None) -> Tensor:
         denoised = consistency_fn(denoiser, z, t, cond, w) if boundary else denoiser(z, t, cond, w=w)
@@ -160,10 +154,13 @@ def lcm(denoiser: nn.Module, noise: Tensor, timesteps: Sequence[int], cond: Text
 
     def ve_step(y: Tensor, t: Tensor, t_prev: Tensor, eps: Tensor | None) -> Tensor:
         a, _ = schedule.alpha_sigma(t, y.dtype, y.ndim)
-        denoised = denoise(a * y, y, t)
+        denoised = denoiser(a * y, t, cond, w=w)             # the VP model sees z_t = sqrt(ᾱ_t)·y
+        if boundary:
+            c_skip, c_out = lcm_boundary(t)
+            denoised = broadcast_like(c_skip, y) * y + broadcast_like(c_out, y) * denoised
         if eps is None:
             return denoised
-        return denoised + _as_data_scale(schedule.ve_sigma(t_prev), y) * eps   # y = denoised + σ_prev·ε
+        return denoised + broadcast_like(schedule.ve_sigma(t_prev), y) * eps   # y = denoised + σ_prev·ε
 
     if renoise == "vp":
         return unroll(vp_step, noise, steps, noises=step_noises, checkpoint=checkpoint,

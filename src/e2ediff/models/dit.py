@@ -297,6 +297,8 @@ class DiT(nn.Module):
             raise ValueError("this DiT has guidance_embed=True: pass the guidance scale w [B]")
         if not cfg.guidance_embed and w is not None:
             raise ValueError("a guidance scale w was passed but this DiT has guidance_embed=False")
+        if w is not None and w.shape != (b,):
+            raise ValueError(f"guidance scale w has shape {tuple(w.shape)}, expected ({b},)")
 
     def caption(self, cond: TextCond) -> tuple[Tensor, Tensor, Tensor]:
         """Pad tokens to max_text_len, zero padded features, substitute the null caption where cond.drop.
@@ -336,7 +338,7 @@ class DiT(nn.Module):
             c = c + self.pooled_embedder(pooled.to(x.dtype))
         if self.config.guidance_embed:
             # LCM's guidance-scale embedding: sinusoidal features of 1000·w (diffusers get_guidance_scale_embedding).
-            c = c + self.w_embedder(sinusoidal_embedding(1000.0 * w.reshape(-1)).to(x.dtype))
+            c = c + self.w_embedder(sinusoidal_embedding(1000.0 * w).to(x.dtype))
         t6 = self.t_block(c)                                                              # [B, 6H]
         y = self.y_embedder(tokens.to(x.dtype))                                           # [B, L, H]
         for block in self.blocks:

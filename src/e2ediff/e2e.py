@@ -1,0 +1,288 @@
+"""End-to-end fine-tuning through the unrolled few-step sampler (E2EDiff, arXiv 2412.21044, Algorithm 1).
+
+``e2e_step`` is Algorithm 1 line by line; ``E2EObjective`` is the loss on its final prediction: the paper's L1 / L2 /
+LPIPS / hybrid and adversarial terms, and — beyond the paper — the energy score, a strictly proper scoring rule over
+m samples per caption (De Bortoli et al., ICML 2025), which keeps the conditional distribution where L1/L2 against
+images that share a caption pull every output to the caption's mean image.
+"""
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+from typing import Literal
+
+import torch
+from torch import Tensor, nn
+
+from e2ediff.conditioning import TextCond
+from e2ediff.config import DataConfig, OptimConfig, TrainConfig, _check, to_dict
+from e2ediff.trainer import BatchStream, Part, Task
+
+
+@dataclass
+class E2ELoss:
+    """L = λ_L1·L1 + λ_L2·L2 + λ_LPIPS·LPIPS + λ_ES·ES + λ_GAN·L_GAN (each term per sample, then averaged)."""
+
+    l1: float = 0.0                      # λ_L1: mean |ẑ0 − z0| (paper)
+    l2: float = 0.0                      # λ_L2: mean (ẑ0 − z0)² (paper)
+    lpips: float = 0.0                   # λ_LPIPS: LPIPS on decoded images (paper)
+    energy: float = 1.0                  # λ_ES: energy score over m samples per caption (ours; needs m >= 2)
+    energy_lambda: float = 1.0           # λ inside the energy score (1: strictly proper)
+    energy_form: Literal["score", "distance"] = "score"  # per-image score, or per-caption-group batch energy distance
+    space: Literal["latent", "pixel"] = "latent"          # where L1 / L2 / energy compare (pixel: decoder in the graph)
+    lpips_backbone: Literal["fashion", "vgg16", "alexnet"] = "fashion"
+    lpips_weights: str = ""              # fashion: FashionFeatureNet file (`e2ediff train-lpips`); else backbone weights
+    lpips_heads: str = ""                # optional learned LPIPS linear heads (lin0..lin4); default uniform 1/C
+    gan: float = 0.0                     # λ_GAN
+    gan_space: Literal["latent", "pixel"] = "latent"
+    gan_loss: Literal["hinge", "nonsaturating"] = "hinge"
+    gan_adaptive: bool = False           # VQGAN's adaptive λ: ‖∇L_rec‖ / ‖∇L_GAN‖ at the last layer, times λ_GAN
+    r1: float = 0.0                      # R1 penalty weight on real inputs of the discriminator
+    coupling: Literal["independent", "minibatch_ot"] = "independent"  # pairing of outputs with targets (L1/L2/LPIPS)
+
+    def validate(self) -> None:
+        for name in ("l1", "l2", "lpips", "energy", "energy_lambda", "gan", "r1"):
+            _check(getattr(self, name) >= 0, f"loss.{name}", getattr(self, name), ">= 0")
+        _check(self.l1 + self.l2 + self.lpips + self.energy + self.gan > 0, "loss", "all weights 0",
+               "at least one positive weight among l1, l2, lpips, energy, gan")
+        _check(self.lpips == 0 or bool(self.lpips_weights), "loss.lpips_weights", self.lpips_weights,
+               "a weights file when loss.lpips > 0")
+
+
+@dataclass
+class FinetuneRun:
+    init: str = ""                       # the model to fine-tune: an LCM student file (or any pipeline file)
+    sampler_steps: int = 4               # K: steps of the unrolled sampler
+    timesteps: tuple[int, ...] | None = None   # explicit list (default: diffusers' LCM schedule for K steps)
+    renoise: Literal["vp", "ve"] = "vp"  # re-noise form between steps (VP as PixArt/SD; VE as Algorithm 1 writes it)
+    w: float | None = None               # guidance-scale embedding input (default: the init file's sampler w)
+    samples_per_caption: int = 4         # m: independent noises per training image (energy score needs >= 2)
+    checkpointing: bool = True           # activation checkpointing around every step's model call
+    truncate: int = 0                    # > 0: gradients only through the last `truncate` steps (DRaFT-K)
+    random_truncation: bool = False      # AlignProp: a random cut-off each iteration (steps before it detached)
+    loss: E2ELoss = field(default_factory=E2ELoss)
+    disc_optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=2e-4, beta1=0.0, beta2=0.99))
+    data: DataConfig = field(default_factory=lambda: DataConfig(caption_dropout=0.0))
+    optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=1e-5, weight_decay=1e-8))
+    train: TrainConfig = field(default_factory=lambda: TrainConfig(steps=300, batch_size=32, ema_decay=0.95,
+                                                                   checkpoint_every=100))
+
+    def validate(self) -> None:
+        _check(bool(self.init), "init", self.init, "the path of a pipeline file (the LCM student)")
+        _check(self.sampler_steps >= 1, "sampler_steps", self.sampler_steps, ">= 1 (K)")
+        _check(self.timesteps is None or len(self.timesteps) == self.sampler_steps, "timesteps", self.timesteps,
+               f"None or a list of sampler_steps={self.sampler_steps} timesteps")
+        _check(self.samples_per_caption >= 1, "samples_per_caption", self.samples_per_caption, ">= 1")
+        _check(self.loss.energy == 0 or self.samples_per_caption >= 2, "samples_per_caption",
+               self.samples_per_caption, ">= 2 when loss.energy > 0 (the energy score compares samples)")
+        _check(0 <= self.truncate <= self.sampler_steps, "truncate", self.truncate, f"in [0, {self.sampler_steps}]")
+
+
+PRESETS = {
+    "tiny": FinetuneRun(),
+    "base": FinetuneRun(train=TrainConfig(steps=1500, batch_size=64, ema_decay=0.95, checkpoint_every=250)),
+    # The paper's literal setting (large models): AdamW lr 1e-6, weight decay 1e-8, EMA 0.95, L2 + LPIPS.
+    "paper": FinetuneRun(samples_per_caption=1, loss=E2ELoss(energy=0.0, l2=1.0),
+                         optim=OptimConfig(lr=1e-6, weight_decay=1e-8),
+                         train=TrainConfig(steps=24000, batch_size=8, ema_decay=0.95, checkpoint_every=1000)),
+}
+
+
+def e2e_step(student: nn.Module, autoencoder: nn.Module, images: Tensor, cond: TextCond, *, timesteps: list[int],
+             m: int, generator: torch.Generator, renoise: str = "vp", w: float | None = None,
+             checkpoint: bool = True, grad_from_step: int = 0) -> tuple[Tensor, Tensor]:
+    """E2EDiff Algorithm 1, one iteration's forward pass. Returns (z0 [B,...], ẑ0 [B·m,...], m outputs per image in a row).
+
+    The loss on ẑ0 and the backward pass through every step are the caller's (``E2EObjective``, the training loop).
+    """
+    from e2ediff.samplers import lcm
+
+    with torch.no_grad():
+        z0 = autoencoder.encode_latents(images)                     # z0 = E(x0)
+    cond_m = cond.repeat_interleave(m)                               # e_c = T(caption): cached MiniLM features
+    shape = (len(images) * m, *z0.shape[1:])
+    gd = generator.device
+    z_T = torch.randn(shape, generator=generator, device=gd).to(z0)  # z_T ~ N(0, I): pure noise, not a noised z0
+    noises = [torch.randn(shape, generator=generator, device=gd).to(z0)   # fresh noise for every re-noise
+              for _ in range(len(timesteps) - 1)]
+    w_in = None if w is None else torch.full((shape[0],), float(w), device=z0.device)
+    # for t = T..1: ẑ0 = G_θ(z_t, e_c, t) with LCM boundary terms; z_{t−1} = re-noise(ẑ0) — gradients through all
+    z0_hat = lcm(student, z_T, timesteps, cond_m, renoise=renoise, noises=noises, w=w_in,
+                 checkpoint=checkpoint, grad_from_step=grad_from_step)
+    return z0, z0_hat
+
+
+class E2EObjective(nn.Module):
+    """The loss on the sampler's final prediction, one value per training image. Holds the (frozen) LPIPS network and
+    the discriminator; `discriminator_loss` is its own objective."""
+
+    def __init__(self, cfg: E2ELoss, autoencoder: nn.Module, text_dim: int = 384, latent_channels: int = 4,
+                 latent_size: int = 8, image_channels: int = 1, image_size: int = 32):
+        super().__init__()
+        self.cfg = cfg
+        self.autoencoder = autoencoder
+        self.lpips = load_lpips(cfg) if cfg.lpips > 0 else None
+        self.disc = None
+        if cfg.gan > 0:
+            from e2ediff.losses.gan import LatentDiscriminator, PixelDiscriminator
+
+            self.disc = (LatentDiscriminator(latent_channels, latent_size, text_dim) if cfg.gan_space == "latent"
+                         else PixelDiscriminator(image_channels, image_size, text_dim))
+
+    def _decode(self, z: Tensor) -> Tensor:
+        return self.autoencoder.decode_latents(z)
+
+    def forward(self, z0_hat: Tensor, z0: Tensor, images: Tensor, cond: TextCond, groups: Tensor, m: int,
+                last_layer: Tensor | None = None) -> tuple[Tensor, dict[str, float]]:
+        from e2ediff.losses.coupling import minibatch_ot_pairing
+        from e2ediff.losses.energy import energy_distance_by_group, energy_score
+        from e2ediff.losses.recon import l1, l2
+
+        cfg = self.cfg
+        b = len(z0)
+        pixel = cfg.space == "pixel" or cfg.lpips > 0 or (cfg.gan > 0 and cfg.gan_space == "pixel")
+        x_hat = self._decode(z0_hat) if pixel else None                           # decoder in the graph
+        gen = x_hat if cfg.space == "pixel" else z0_hat                           # [B·m, ...]
+        real = images if cfg.space == "pixel" else z0                             # [B, ...]
+        groups_m = groups.repeat_interleave(m)
+        target_idx = torch.arange(b, device=z0.device).repeat_interleave(m)       # output i ↔ image i // m
+        if cfg.coupling == "minibatch_ot":                                        # Hungarian pairing within a caption
+            perm = minibatch_ot_pairing(gen.detach(), real[target_idx].detach(), groups_m)
+            target_idx = target_idx[perm.to(target_idx.device)]
+        total = z0.new_zeros(b * m)
+        logs: dict[str, float] = {}
+        if cfg.l1 > 0:
+            term = l1(gen, real[target_idx])
+            total, logs["l1"] = total + cfg.l1 * term, float(term.detach().mean())
+        if cfg.l2 > 0:
+            term = l2(gen, real[target_idx])
+            total, logs["l2"] = total + cfg.l2 * term, float(term.detach().mean())
+        if cfg.lpips > 0:
+            term = self.lpips(x_hat, images[target_idx])
+            total, logs["lpips"] = total + cfg.lpips * term, float(term.detach().mean())
+        per_image = total.view(b, m).mean(1)                                      # [B]
+        if cfg.energy > 0:
+            if cfg.energy_form == "score":
+                term = energy_score(gen.view(b, m, *gen.shape[1:]), real, cfg.energy_lambda)           # [B]
+            else:
+                term = energy_distance_by_group(gen, real, groups_m, groups, cfg.energy_lambda).view(b, m).mean(1)
+            per_image, logs["energy"] = per_image + cfg.energy * term, float(term.detach().mean())
+        if cfg.gan > 0:
+            fake = z0_hat if cfg.gan_space == "latent" else x_hat
+            pooled = cond.pooled.repeat_interleave(m, 0)
+            logits = self.disc(fake, pooled)
+            from e2ediff.losses.gan import g_hinge, g_nonsaturating
+
+            g = (g_hinge if cfg.gan_loss == "hinge" else g_nonsaturating)(logits).view(b, m).mean(1)
+            weight = cfg.gan
+            if cfg.gan_adaptive and last_layer is not None and per_image.requires_grad:
+                from e2ediff.losses.gan import adaptive_gan_weight
+
+                weight = cfg.gan * adaptive_gan_weight(per_image.mean(), g.mean(), last_layer)
+                logs["gan_weight"] = float(weight)
+            per_image, logs["gan_g"] = per_image + weight * g, float(g.detach().mean())
+        return per_image, logs
+
+    def discriminator_loss(self, z0_hat: Tensor, z0: Tensor, images: Tensor, cond: TextCond, m: int
+                           ) -> tuple[Tensor, dict[str, float]]:
+        from e2ediff.losses.gan import d_hinge, d_nonsaturating, r1_penalty
+
+        cfg = self.cfg
+        if cfg.gan_space == "latent":
+            fake, real = z0_hat.detach(), z0
+        else:
+            with torch.no_grad():
+                fake = self._decode(z0_hat.detach())
+            real = images
+        pooled = cond.pooled
+        fake_logits = self.disc(fake, pooled.repeat_interleave(m, 0))
+        real_logits = self.disc(real, pooled)
+        d_fn = d_hinge if cfg.gan_loss == "hinge" else d_nonsaturating
+        # B reals vs B·m fakes: each real logit is repeated m times so that the per-pair loss averages to
+        # mean over reals + mean over fakes.
+        loss = d_fn(real_logits.repeat_interleave(m, 0), fake_logits)
+        logs = {"d_loss": float(loss.mean()), "d_real": float(real_logits.mean()), "d_fake": float(fake_logits.mean())}
+        if cfg.r1 > 0:
+            r1 = r1_penalty(self.disc, real.detach(), pooled)
+            loss = loss + cfg.r1 * r1.mean()
+            logs["r1"] = float(r1.mean())
+        return loss.mean(), logs
+
+
+def load_lpips(cfg: E2ELoss) -> nn.Module:
+    """The LPIPS loss network: never the evaluation classifier (different architecture, seed and objective)."""
+    from e2ediff.losses.perceptual import LPIPS, FashionFeatureNet
+
+    if cfg.lpips_backbone == "fashion":
+        lp = LPIPS(FashionFeatureNet.load(cfg.lpips_weights))
+        if cfg.lpips_heads:
+            lp.load_linear_heads(cfg.lpips_heads)
+    else:
+        lp = LPIPS.from_local(cfg.lpips_backbone, cfg.lpips_weights, cfg.lpips_heads or None)
+    return lp.eval().requires_grad_(False)
+
+
+class FinetuneTask(Task):
+    kind = "finetune"
+
+    def __init__(self, cfg: FinetuneRun, device: torch.device, data=None, init=None):
+        from e2ediff.assets import TrainingData, load_pipeline
+        from e2ediff.denoiser import Denoiser
+        from e2ediff.schedules import lcm_timesteps
+
+        self.cfg = cfg
+        self.device = device
+        self.init = init if init is not None else load_pipeline(cfg.init, device)
+        self.init.to(device)
+        self.data = data if data is not None else TrainingData(cfg.data, "train", device)
+        net = copy.deepcopy(self.init.net).requires_grad_(True).train()
+        self.schedule, self.prediction = self.init.denoiser.schedule, self.init.denoiser.prediction
+        self.timesteps = list(cfg.timesteps) if cfg.timesteps is not None else lcm_timesteps(cfg.sampler_steps)
+        sampler = self.init.meta.get("sampler", {})
+        self.w = cfg.w if cfg.w is not None else (sampler.get("w") if net.config.guidance_embed else None)
+        if net.config.guidance_embed and self.w is None:
+            raise ValueError(f"{cfg.init} embeds the guidance scale; set w=<scale>")
+        ae = self.init.autoencoder
+        self.objective = E2EObjective(cfg.loss, ae, text_dim=net.config.text_dim,
+                                      latent_channels=net.config.in_channels, latent_size=net.config.input_size,
+                                      image_channels=ae.config.in_channels, image_size=ae.config.image_size).to(device)
+        self.parts = [Part("net", net, cfg.optim, cfg.train.ema_decay)]
+        if self.objective.disc is not None:
+            self.parts.append(Part("disc", self.objective.disc, cfg.disc_optim, 0.0))
+        self.stream = BatchStream(len(self.data), cfg.train.batch_size, cfg.train.seed)
+        self._denoiser = Denoiser
+
+    def losses(self, step, generator):
+        cfg = self.cfg
+        images, cond, labels, caps = self.data.batch(self.stream.indices(step), generator)
+        groups = torch.where(labels >= 0, labels, caps)               # a caption's class when known, else the caption
+        k = len(self.timesteps)
+        cut = k - cfg.truncate if cfg.truncate > 0 else 0
+        if cfg.random_truncation:
+            cut = int(torch.randint(0, k, (1,), generator=generator, device=generator.device))
+        student = self._denoiser(self.module("net"), self.schedule, self.prediction)
+        z0, z0_hat = e2e_step(student, self.init.autoencoder, images, cond, timesteps=self.timesteps,
+                              m=cfg.samples_per_caption, generator=generator, renoise=cfg.renoise, w=self.w,
+                              checkpoint=cfg.checkpointing, grad_from_step=cut)
+        last = self.parts[0].module.final_layer.linear.weight if cfg.loss.gan_adaptive else None
+        per_image, logs = self.objective(z0_hat, z0, images, cond, groups, cfg.samples_per_caption, last)
+        losses = {"net": per_image.mean()}
+        if self.objective.disc is not None:
+            losses["disc"], d_logs = self.objective.discriminator_loss(z0_hat, z0, images, cond,
+                                                                       cfg.samples_per_caption)
+            logs.update(d_logs)
+        with torch.no_grad():   # within-batch spread of the outputs: falls toward 0 when samples collapse
+            logs["output_std"] = float(z0_hat.float().std(0).mean())
+        return losses, logs
+
+    def export(self, weights):
+        from e2ediff.assets import autoencoder_meta, pipeline_tensors
+
+        meta = {"kind": "e2e", "net": to_dict(self.parts[0].module.config),
+                **autoencoder_meta(self.init.autoencoder),
+                "schedule": self.init.meta["schedule"], "prediction": self.prediction,
+                "sampler": {"name": "lcm", "steps": len(self.timesteps), "timesteps": self.timesteps,
+                            "renoise": self.cfg.renoise, "w": self.w},
+                "text_encoder": self.init.meta.get("text_encoder"), "captions": list(self.data.captions),
+                "init": str(self.cfg.init)}
+        return pipeline_tensors(weights["net"], self.init.autoencoder), meta
