@@ -50,17 +50,53 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", type=Path, required=True, help="output folder")
     p.add_argument("--num-samples", type=int, default=100, help="balanced over the 10 classes unless --prompt")
     p.add_argument("--prompt", action="append", help="a prompt (repeatable); default: one per Fashion-MNIST class")
+    _sampler_args(p)
+    p.add_argument("--grid-columns", type=int, default=10, help="samples per row of the PNG grid")
+
+    p = sub.add_parser("evaluate", help="FD, KID, alignment and diversity of a model file or a samples.npz")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--checkpoint", type=Path, help="model file to sample from (balanced over the 10 classes)")
+    src.add_argument("--samples", type=Path, help="a samples.npz from any tool (images uint8 [N,28,28], labels)")
+    p.add_argument("--classifier", type=Path, default=DEFAULT_CLASSIFIER,
+                   help="evaluation classifier folder (train-classifier); default: the shipped one")
+    p.add_argument("--num-samples", type=int, default=10000)
+    p.add_argument("--split", choices=["test", "val"], default="test", help="real images to compare with")
+    p.add_argument("--output", type=Path, help="write the metrics as JSON here")
+    p.add_argument("--save-samples", type=Path, help="also write samples.npz and grid.png into this folder")
+    _sampler_args(p)
+
+    p = sub.add_parser("train-classifier", help="train the evaluation classifier (a supervised ResNet)")
+    p.add_argument("--output", type=Path, required=True, help="output folder (model.safetensors + config.json)")
+    p.add_argument("--steps", type=int, default=4000)
+    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--lr", type=float, default=2e-3)
+    p.add_argument("--seed", type=int, default=1234)
+    p.add_argument("--device", default="auto")
+
+    p = sub.add_parser("train-lpips", help="train the LPIPS feature network for the miniature (SimCLR, VGG-like)")
+    p.add_argument("--output", type=Path, required=True, help="output file (.safetensors)")
+    p.add_argument("--steps", type=int, default=3000)
+    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--lr", type=float, default=2e-3)
+    p.add_argument("--seed", type=int, default=7)
+    p.add_argument("--device", default="auto")
+    return parser
+
+
+DEFAULT_CLASSIFIER = Path(__file__).resolve().parents[2] / "checkpoints" / "classifier"
+
+
+def _sampler_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--sampler", choices=["ddim", "lcm"], help="default: the one the model file names")
     p.add_argument("--steps", type=int, help="number of sampling steps (default: the model file's)")
     p.add_argument("--timesteps", help="explicit comma-separated timestep list, e.g. 999,759,499,259")
     p.add_argument("--renoise", choices=["vp", "ve"], help="LCM re-noise form")
     p.add_argument("--guidance", type=float, help="classifier-free guidance scale (DDIM)")
+    p.add_argument("--w", type=float, help="guidance-scale embedding input of an LCM student")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch-size", type=int, default=500)
     p.add_argument("--device", default="auto")
     p.add_argument("--prompt-cache", type=Path, help="caption-feature cache to read instead of running MiniLM")
-    p.add_argument("--grid-columns", type=int, default=10, help="samples per row of the PNG grid")
-    return parser
 
 
 def _device(name: str) -> torch.device:
@@ -144,20 +180,7 @@ def cmd_sample(args) -> None:
         raise ValueError(f"--num-samples must be >= 1, got {args.num_samples}")
     device = _device(args.device)
     pipe = load_pipeline(args.checkpoint, device)
-    spec = SamplerSpec.from_meta(pipe.meta)
-    if args.sampler:
-        spec.name = args.sampler
-    if args.steps is not None:
-        spec.steps, spec.timesteps = args.steps, None
-    if args.timesteps:
-        try:
-            spec.timesteps = tuple(int(t) for t in args.timesteps.split(","))
-        except ValueError:
-            raise ValueError(f"--timesteps {args.timesteps!r} is not a comma-separated list of integers") from None
-    if args.renoise:
-        spec.renoise = args.renoise
-    if args.guidance is not None:
-        spec.guidance = args.guidance
+    spec = _sampler_spec(args, pipe.meta)
     if args.prompt:
         prompts = [args.prompt[i % len(args.prompt)] for i in range(args.num_samples)]
         prompts = sorted(prompts, key=args.prompt.index)
@@ -184,10 +207,104 @@ def cmd_sample(args) -> None:
           f"{args.output / 'samples.npz'}, {args.output / 'grid.png'}")
 
 
+def _sampler_spec(args, meta: dict):
+    from e2ediff.generate import SamplerSpec
+
+    spec = SamplerSpec.from_meta(meta)
+    if args.sampler:
+        spec.name = args.sampler
+    if args.steps is not None:
+        if args.steps < 1:
+            raise ValueError(f"--steps must be >= 1, got {args.steps}")
+        spec.steps, spec.timesteps = args.steps, None
+    if args.timesteps:
+        try:
+            spec.timesteps = tuple(int(t) for t in args.timesteps.split(","))
+        except ValueError:
+            raise ValueError(f"--timesteps {args.timesteps!r} is not a comma-separated list of integers") from None
+    if args.renoise:
+        spec.renoise = args.renoise
+    if args.guidance is not None:
+        spec.guidance = args.guidance
+    if args.w is not None:
+        spec.w = args.w
+    return spec
+
+
+def cmd_evaluate(args) -> None:
+    from e2ediff.evaluate import evaluate_model, score_images, write_json
+    from e2ediff.generate import save_grid, save_samples_npz
+
+    if args.num_samples < 1:
+        raise ValueError(f"--num-samples must be >= 1, got {args.num_samples}")
+    if not (args.classifier / "model.safetensors").is_file():
+        raise FileNotFoundError(f"evaluation classifier not found in {args.classifier} "
+                                f"(train one with `e2ediff train-classifier --output DIR`)")
+    device = _device(args.device)
+    if args.samples is not None:
+        from e2ediff.metrics.report import load_samples_npz
+
+        images, labels, _ = load_samples_npz(args.samples)
+        result = score_images(images, labels, args.classifier, args.split, device=device, seed=args.seed)
+        result["samples"] = str(args.samples)
+    else:
+        from e2ediff.checkpoint import read_model_meta
+
+        path = args.checkpoint / "model.safetensors" if args.checkpoint.is_dir() else args.checkpoint
+        spec = _sampler_spec(args, read_model_meta(path))
+        result, images, labels = evaluate_model(path, spec, args.classifier, args.num_samples, args.seed,
+                                                args.split, device, args.batch_size, args.prompt_cache)
+        if args.save_samples is not None:
+            from e2ediff.data.fashion_mnist import default_prompts
+
+            save_samples_npz(args.save_samples / "samples.npz", images, labels,
+                             [default_prompts()[c] for c in labels])
+            per = len(images) // 10
+            pick = np.concatenate([np.arange(c * per, c * per + min(per, 10)) for c in range(10)]) if per else \
+                np.arange(len(images))
+            save_grid(images[pick], 10 if per else 1, args.save_samples / "grid.png")
+    if args.output is not None:
+        write_json(args.output, result)
+    keys = [k for k in ("fd", "kid_mean", "alignment", "diversity_rel", "nfe", "n") if k in result]
+    print(" ".join(f"{k}={result[k]:.4g}" if isinstance(result[k], float) else f"{k}={result[k]}" for k in keys))
+
+
+def cmd_train_classifier(args) -> None:
+    from e2ediff.data.fashion_mnist import load_fashion_mnist
+    from e2ediff.metrics.classifier import accuracy, save_classifier, train_classifier
+
+    device = _device(args.device)
+    images, labels = load_fashion_mnist("train")
+    model = train_classifier(images, labels, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
+                             seed=args.seed, device=device)
+    test_images, test_labels = load_fashion_mnist("test")
+    acc = accuracy(model, test_images, test_labels)
+    save_classifier(model, args.output)
+    from e2ediff.checkpoint import atomic_write_text
+
+    atomic_write_text(args.output / "eval.json", json.dumps({"test_accuracy": acc, "steps": args.steps,
+                                                             "seed": args.seed}) + "\n")
+    print(f"classifier: test accuracy {acc:.4f} -> {args.output}")
+
+
+def cmd_train_lpips(args) -> None:
+    from e2ediff.data.fashion_mnist import load_fashion_mnist
+    from e2ediff.losses.perceptual import train_feature_net
+
+    device = _device(args.device)
+    images, _ = load_fashion_mnist("train")
+    net = train_feature_net(torch.as_tensor(images), steps=args.steps, batch_size=args.batch_size, lr=args.lr,
+                            seed=args.seed, device=device)
+    args.output.parent.mkdir(parents=True, exist_ok=True)
+    net.save(args.output)
+    print(f"LPIPS feature network (SimCLR, VGG-like; not the evaluation classifier) -> {args.output}")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    handlers = {"encode-prompts": cmd_encode_prompts, "sample": cmd_sample}
+    handlers = {"encode-prompts": cmd_encode_prompts, "sample": cmd_sample, "evaluate": cmd_evaluate,
+                "train-classifier": cmd_train_classifier, "train-lpips": cmd_train_lpips}
     try:
         handlers.get(args.command, cmd_train)(args)
     except KeyboardInterrupt:

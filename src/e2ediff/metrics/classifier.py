@@ -137,6 +137,9 @@ def train_classifier(images_uint8: np.ndarray | Tensor, labels: np.ndarray | Ten
     config = config or ClassifierConfig()
     if y_all.min() < 0 or y_all.max() >= config.num_classes:
         raise ValueError(f"labels must lie in [0, {config.num_classes}), got [{int(y_all.min())}, {int(y_all.max())}]")
+    if steps < 1 or batch_size < 1:
+        raise ValueError(f"steps and batch_size must be >= 1, got steps={steps}, batch_size={batch_size}")
+    x_all, y_all = x_all.to(device), y_all.to(device)
     generator = torch.Generator().manual_seed(seed)
     model = FashionClassifier(config)
     init_weights(model, generator)
@@ -144,8 +147,8 @@ def train_classifier(images_uint8: np.ndarray | Tensor, labels: np.ndarray | Ten
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=5e-4)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 0.5 * (1 + math.cos(math.pi * s / steps)))
     for _ in range(steps):
-        idx = torch.randint(0, x_all.shape[0], (batch_size,), generator=generator)
-        x, y = x_all[idx].to(device), y_all[idx].to(device)
+        idx = torch.randint(0, x_all.shape[0], (batch_size,), generator=generator).to(device)
+        x, y = x_all[idx], y_all[idx]
         if augment:
             x = random_shift_flip(x, generator)
         loss = F.cross_entropy(model(x), y)

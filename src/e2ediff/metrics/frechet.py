@@ -55,8 +55,9 @@ class FeatureStats:
         return self.mu.shape[0]
 
     def save(self, path: str | os.PathLike) -> None:
-        """Write an .npz holding mu, sigma, n and extractor (no pickles)."""
-        np.savez(path, mu=self.mu, sigma=self.sigma, n=np.int64(self.n), extractor=np.str_(self.extractor))
+        """Write an .npz archive to exactly `path` holding mu, sigma, n and extractor (no pickles)."""
+        with open(path, "wb") as f:
+            np.savez(f, mu=self.mu, sigma=self.sigma, n=np.int64(self.n), extractor=np.str_(self.extractor))
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "FeatureStats":
