@@ -29,7 +29,7 @@ from typing import Any
 import numpy as np
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, safe_open, save, save_file
+from safetensors.torch import load, load_file, safe_open, save, save_file
 
 FORMAT_VERSION = 1
 
@@ -161,19 +161,23 @@ def save_checkpoint(run_dir: Path, step: int, tensors: dict[str, torch.Tensor], 
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir()
-    tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
-    blob = save(tensors, metadata={"format": "e2ediff-checkpoint", "version": str(FORMAT_VERSION)})
-    with open(tmp / "tensors.safetensors", "wb") as f:
-        f.write(blob)
-        f.flush()
-        os.fsync(f.fileno())
-    state = {**state, "format_version": FORMAT_VERSION, "step": step,
-             "tensors_sha256": hashlib.sha256(blob).hexdigest(), "tensors_bytes": len(blob)}
-    with open(tmp / "state.json", "w") as f:
-        json.dump(state, f, indent=1)
-        f.flush()
-        os.fsync(f.fileno())
-    _fsync_dir(tmp)
+    try:
+        tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
+        blob = save(tensors, metadata={"format": "e2ediff-checkpoint", "version": str(FORMAT_VERSION)})
+        with open(tmp / "tensors.safetensors", "wb") as f:
+            f.write(blob)
+            f.flush()
+            os.fsync(f.fileno())
+        state = {**state, "format_version": FORMAT_VERSION, "step": step,
+                 "tensors_sha256": hashlib.sha256(blob).hexdigest(), "tensors_bytes": len(blob)}
+        with open(tmp / "state.json", "w") as f:
+            json.dump(state, f, indent=1)
+            f.flush()
+            os.fsync(f.fileno())
+        _fsync_dir(tmp)
+    except BaseException:  # nothing half-written may stay behind (e.g. tensors that share memory, a full disk)
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     if final.exists():  # re-saving the same step (e.g. a resumed run that stops at once)
         shutil.rmtree(final)
     os.replace(tmp, final)
@@ -258,17 +262,26 @@ def load_state_strict(module: torch.nn.Module, state_dict: dict[str, torch.Tenso
 # Single-file model exports
 
 
+def _data_sha256(blob: bytes) -> str:
+    """sha256 of a safetensors blob's tensor data (after the 8-byte length and the JSON header): it does not depend
+    on the metadata, so it can be stored in the metadata."""
+    n = int.from_bytes(blob[:8], "little")
+    return hashlib.sha256(memoryview(blob)[8 + n:]).hexdigest()
+
+
 def save_model_file(path: Path, state_dict: dict[str, torch.Tensor], meta: dict[str, Any],
                     dtype: torch.dtype | None = None) -> None:
-    """One safetensors file: weights (optionally cast) + ``meta`` as JSON under the metadata key ``e2ediff``."""
+    """One safetensors file: weights (optionally cast) + ``meta`` as JSON under the metadata key ``e2ediff`` and the
+    sha256 of the tensor data under ``e2ediff_sha256`` (checked on load)."""
     tensors = {k: (v.to(dtype) if dtype is not None and v.is_floating_point() else v).detach().cpu().contiguous()
                for k, v in state_dict.items()}
-    blob = save(tensors, metadata={"e2ediff": json.dumps(meta)})
+    metadata = {"e2ediff": json.dumps(meta)}
+    checksum = _data_sha256(save(tensors, metadata=metadata))
+    blob = save(tensors, metadata={**metadata, "e2ediff_sha256": checksum})
     atomic_write_bytes(Path(path), blob)
 
 
-def read_model_meta(path: Path) -> dict:
-    path = Path(path)
+def _read_metadata(path: Path) -> dict[str, str]:
     if not path.is_file():
         raise CheckpointError(f"model file {path} does not exist")
     try:
@@ -278,13 +291,30 @@ def read_model_meta(path: Path) -> dict:
         raise CheckpointError(f"model file {path} is not a readable safetensors file: {e}") from None
     if "e2ediff" not in meta:
         raise CheckpointError(f"model file {path} has no e2ediff metadata (not written by e2ediff export)")
-    return json.loads(meta["e2ediff"])
+    return meta
+
+
+def read_model_meta(path: Path) -> dict:
+    path = Path(path)
+    meta = _read_metadata(path)
+    try:
+        return json.loads(meta["e2ediff"])
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"model file {path} has corrupt e2ediff metadata: {e}") from None
 
 
 def load_model_file(path: Path) -> tuple[dict[str, torch.Tensor], dict]:
+    """(float32 tensors, metadata) of a ``save_model_file`` file; CheckpointError naming the path if it is missing,
+    not ours, truncated or its tensor data does not match the stored checksum."""
+    path = Path(path)
+    raw = _read_metadata(path)
     meta = read_model_meta(path)
     try:
-        tensors = load_file(Path(path))
+        blob = path.read_bytes()
+        if "e2ediff_sha256" in raw and _data_sha256(blob) != raw["e2ediff_sha256"]:
+            raise CheckpointError(f"model file {path} is corrupt or truncated: its tensor data does not match the "
+                                  f"stored sha256")
+        tensors = load(blob)
     except (SafetensorError, OSError, ValueError) as e:
         raise CheckpointError(f"model file {path} cannot be read: {e}") from None
     return {k: v.float() if v.is_floating_point() else v for k, v in tensors.items()}, meta

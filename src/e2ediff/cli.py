@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import random
 import sys
 from pathlib import Path
 
@@ -128,7 +129,13 @@ def cmd_encode_prompts(args) -> None:
 def _resolve_run(args, presets):
     from e2ediff.config import resolve
 
-    return resolve(presets[args.preset], args.config, args.overrides)
+    cfg = resolve(presets[args.preset], args.config, args.overrides)
+    # Module initialisation (a fresh DiT, the GAN discriminator) draws from torch's global RNG: seed it (and the
+    # Python / NumPy RNGs a checkpoint also saves), so that a run killed before its first checkpoint restarts exactly.
+    torch.manual_seed(cfg.train.seed)
+    random.seed(cfg.train.seed)
+    np.random.seed(cfg.train.seed)
+    return cfg
 
 
 def cmd_train(args) -> None:

@@ -8,6 +8,7 @@ rejected with a message that names the dotted key. The resolved config is writte
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import json
 import re
 import types
@@ -107,7 +108,10 @@ def validate(cfg: Any, prefix: str = "") -> None:
     method = getattr(cfg, "validate", None)
     if method is not None:
         try:
-            method()
+            if prefix and "prefix" in inspect.signature(method).parameters:  # e.g. disc_optim: an OptimConfig
+                method(prefix=prefix.rstrip("."))
+            else:
+                method()
         except ConfigError:
             raise
         except ValueError as e:  # model configs raise plain ValueError; add the section name
@@ -134,6 +138,8 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
                 return _coerce(value, arm, key)
             except ConfigError as e:
                 errors.append(str(e))
+        if len(errors) == 1:  # X | None: the one arm's message is the precise one (e.g. names timesteps[1])
+            raise ConfigError(errors[0])
         raise ConfigError(f"config key {key}: {value!r} does not match {_type_name(tp)}")
     if origin is Literal:
         if value not in get_args(tp):

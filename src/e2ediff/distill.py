@@ -58,10 +58,13 @@ PRESETS = {
 
 
 def consistency_loss(pred: torch.Tensor, target: torch.Tensor, kind: str, c: float) -> torch.Tensor:
-    """Per-sample consistency distance [B]: pseudo-Huber sqrt(d² + c²) − c (mean over dims) or mean squared error."""
+    """Per-sample consistency distance [B]: pseudo-Huber sqrt(d² + c²) − c (mean over dims) or mean squared error.
+    The pseudo-Huber value is computed as d² / (sqrt(d² + c²) + c), the same number without the float32 cancellation
+    of sqrt(d² + c²) − c when |d| ≪ c."""
     d = (pred.float() - target.float())
     if kind == "huber":
-        return (torch.sqrt(d.pow(2) + c * c) - c).flatten(1).mean(1)
+        d2 = d.pow(2)
+        return (d2 / (torch.sqrt(d2 + c * c) + c)).flatten(1).mean(1)
     return d.pow(2).flatten(1).mean(1)
 
 

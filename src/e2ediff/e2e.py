@@ -201,11 +201,12 @@ class E2EObjective(nn.Module):
         # B reals vs B·m fakes: each real logit is repeated m times so that the per-pair loss averages to
         # mean over reals + mean over fakes.
         loss = d_fn(real_logits.repeat_interleave(m, 0), fake_logits)
-        logs = {"d_loss": float(loss.mean()), "d_real": float(real_logits.mean()), "d_fake": float(fake_logits.mean())}
+        logs = {"d_loss": float(loss.detach().mean()), "d_real": float(real_logits.detach().mean()),
+                "d_fake": float(fake_logits.detach().mean())}
         if cfg.r1 > 0:
             r1 = r1_penalty(self.disc, real.detach(), pooled)
             loss = loss + cfg.r1 * r1.mean()
-            logs["r1"] = float(r1.mean())
+            logs["r1"] = float(r1.detach().mean())
         return loss.mean(), logs
 
 

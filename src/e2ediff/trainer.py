@@ -124,6 +124,14 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+def _logged_step(line: str) -> float:
+    """The step of a metrics.jsonl line; inf for a blank or torn line (a run killed while writing it)."""
+    try:
+        return json.loads(line).get("step", 0) if line.strip() else math.inf
+    except (json.JSONDecodeError, AttributeError):
+        return math.inf
+
+
 class MetricsLog:
     """metrics.jsonl (truncated to the resume step) + tensorboard when installed."""
 
@@ -134,8 +142,7 @@ class MetricsLog:
         if not enabled:
             return
         if self.path.exists():
-            kept = [line for line in self.path.read_text().splitlines()
-                    if line.strip() and json.loads(line).get("step", 0) <= resume_step]
+            kept = [line for line in self.path.read_text().splitlines() if _logged_step(line) <= resume_step]
             self.path.write_text("".join(line + "\n" for line in kept))
         try:
             from torch.utils.tensorboard import SummaryWriter
@@ -158,6 +165,16 @@ class MetricsLog:
             self.tb.close()
 
 
+def _exported_step(path: Path) -> int | None:
+    """The step recorded in a run's model file, or None when it is missing or unreadable."""
+    from e2ediff.checkpoint import read_model_meta
+
+    try:
+        return read_model_meta(path).get("step")
+    except CheckpointError:
+        return None
+
+
 def _lr_lambda(warmup: int) -> Callable[[int], float]:
     return lambda s: 1.0 if warmup <= 0 else min(1.0, (s + 1) / warmup)
 
@@ -177,9 +194,6 @@ def train(task: Task, cfg: TrainConfig, run_dir: Path, run_config: Any, command:
     if accelerator.device.type == "cuda":  # TF32 matmuls: ~3e-4 relative, fine for training, much faster
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
-    if main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        dump_yaml(run_config, run_dir / "config.yaml", command=command)
 
     optimizers, schedulers, emas = {}, {}, {}
     for part in task.parts:
@@ -197,6 +211,10 @@ def train(task: Task, cfg: TrainConfig, run_dir: Path, run_config: Any, command:
     # Resume from the newest good checkpoint of this run folder.
     start = 0
     found = latest_checkpoint(run_dir)
+    saved = sorted(p.name for p in (run_dir / "checkpoints").glob("step_*") if p.is_dir())
+    if found is None and saved:   # starting over would let pruning delete the new checkpoints, not the bad ones
+        raise CheckpointError(f"{run_dir / 'checkpoints'} holds {len(saved)} checkpoints ({saved[-1]} the newest) "
+                              f"and none of them verifies; move them away or use another --run-dir")
     if found is not None:
         path, tensors, state = found
         saved_kind = state.get("kind")
@@ -204,7 +222,11 @@ def train(task: Task, cfg: TrainConfig, run_dir: Path, run_config: Any, command:
             raise CheckpointError(f"{path} was written by {saved_kind!r} training, not {task.kind!r}; "
                                   f"use another --run-dir")
         for part in task.parts:
-            load_state_strict(part.module, split_prefix(tensors, f"{part.name}"), f"{path} ({part.name})")
+            try:
+                load_state_strict(part.module, split_prefix(tensors, f"{part.name}"), f"{path} ({part.name})")
+            except CheckpointError as e:
+                raise CheckpointError(f"{e}. Resume with the config the run was started with "
+                                      f"({run_dir / 'config.yaml'}) or use another --run-dir") from None
             load_optimizer_state(optimizers[part.name], f"optim/{part.name}", tensors, state["optim"][part.name])
             schedulers[part.name].load_state_dict(state["sched"][part.name])
             if part.name in emas:
@@ -214,6 +236,9 @@ def train(task: Task, cfg: TrainConfig, run_dir: Path, run_config: Any, command:
         start = int(state["step"])
         if main:
             print(f"resumed from {path} at step {start}", file=sys.stderr)
+    if main:  # only now: a run folder that cannot be resumed keeps the config it was started with
+        run_dir.mkdir(parents=True, exist_ok=True)
+        dump_yaml(run_config, run_dir / "config.yaml", command=command)
 
     modules = accelerator.prepare(*[p.module for p in task.parts])
     if len(task.parts) == 1:
@@ -241,10 +266,16 @@ def train(task: Task, cfg: TrainConfig, run_dir: Path, run_config: Any, command:
             if part.name in emas:
                 tensors.update(with_prefix(emas[part.name].state_dict(), f"ema/{part.name}"))
         tensors.update(with_prefix(task.extra_tensors(), "extra"))
-        t, m = rng_state()
-        tensors.update(t)
-        meta["rng"] = m
+        rng_tensors, rng_meta = rng_state()
+        tensors.update(rng_tensors)
+        meta["rng"] = rng_meta
         save_checkpoint(run_dir, step, tensors, meta, keep_last=cfg.keep_last)
+        export_model(step)
+        # The export may draw from the global RNGs (e.g. building a module); a resumed run restarts from the state
+        # saved above, so the uninterrupted run must continue from that same state.
+        load_rng_state(rng_tensors, rng_meta)
+
+    def export_model(step: int) -> None:
         weights = {p.name: emas[p.name].state_dict() if p.name in emas
                    else accelerator.unwrap_model(p.module).state_dict() for p in task.parts}
         exported = task.export(weights)
@@ -321,6 +352,8 @@ def train(task: Task, cfg: TrainConfig, run_dir: Path, run_config: Any, command:
                 write_checkpoint(done)
         if start >= cfg.steps and main:
             print(f"nothing to do: the run is already at step {start} >= train.steps={cfg.steps}", file=sys.stderr)
+            if found is not None and _exported_step(run_dir / "model.safetensors") != start:
+                export_model(start)   # killed between the last checkpoint and its export: finish the export
     finally:
         if progress is not None:
             progress.close()
