@@ -14,10 +14,12 @@ Reference: one uninterrupted ``e2ediff finetune`` (deterministic, a checkpoint a
 the discriminator and its optimizer are in the checkpoint). Each trial starts the same command in a fresh run folder,
 SIGKILLs it after a delay drawn from a seeded RNG, re-runs the command until it exits 0, and compares the final
 checkpoint (model, EMA, both optimizers, discriminator, RNG state: every tensor, bit for bit, plus state.json) and the
-exported model file with the reference. Kill delays are stratified so that they cover the whole run: a quarter of the
-trials fall in [0, start of training) (imports, data, model loading), the rest in [start of training, end of the
-reference run), which is where checkpoints are written. After each kill the run folder is searched for leftovers of
-an interrupted write (``.step_*.tmp-*`` folders, ``.latest.tmp-*``, ``.model.safetensors.tmp-*``): the line shows them as
+exported model file with the reference. Kill delays are drawn from a seeded RNG, stratified so that they cover the
+whole run: a quarter of the trials in [0, start of training) (imports, data, model loading), a tenth after the last
+export (exit), the rest in between, where a checkpoint is written after every step. A delay is a fraction of the
+shortest uninterrupted run seen so far (the machine is shared and run times drift); a run that finishes before its
+kill is repeated with the shorter estimate. After each kill the run folder is searched for leftovers of an
+interrupted write (``.step_*.tmp-*`` folders, ``.latest.tmp-*``, ``.model.safetensors.tmp-*``): the line shows them as
 "torn write".
 
 Prints one line per trial and finally "k/N identical". Exit status 0 only when every trial is identical.
@@ -191,14 +193,33 @@ def differences(reference: dict, other: dict) -> list[str]:
     return diffs
 
 
-def kill_times(trials: int, startup: float, total: float, rng: random.Random) -> list[float]:
-    """Stratified delays: a quarter of the trials over [0, startup), the rest over [startup, total)."""
-    early = max(1, trials // 4) if trials > 1 else 0
-    late = trials - early
-    times = [startup * (i + rng.random()) / early for i in range(early)]
-    times += [startup + (total - startup) * (i + rng.random()) / late for i in range(late)]
-    rng.shuffle(times)
-    return times
+def kill_fractions(trials: int, start: float, end: float, rng: random.Random) -> list[float]:
+    """Stratified kill points as fractions of a full run: a quarter of the trials over [0, start) (before training),
+    a tenth over [end, 1) (after the last checkpoint: export, exit), the rest over [start, end) (training, with a
+    checkpoint after every step); each stratum one draw, in random order."""
+    early = trials // 4
+    tail = trials // 10
+    middle = trials - early - tail
+    points = []
+    for n, lo, hi in ((early, 0.0, start), (middle, start, end), (tail, end, 1.0)):
+        points += [lo + (hi - lo) * (i + rng.random()) / n for i in range(n)]
+    rng.shuffle(points)
+    return points
+
+
+def start_and_kill(cmd: list[str], env: dict[str, str], delay: float) -> float | None:
+    """Start ``cmd``; SIGKILL it ``delay`` s after the start. None if killed, else the time it took to finish."""
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    launched = time.perf_counter()
+    while time.perf_counter() - launched < delay:
+        if proc.poll() is not None:
+            return time.perf_counter() - launched
+        time.sleep(0.005)
+    if proc.poll() is not None:
+        return time.perf_counter() - launched
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    return None
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -216,8 +237,8 @@ def main(argv: list[str] | None = None) -> int:
         env, init = build_setup(root)
         print(f"setup: tiny autoencoder, teacher, LCM student in {time.perf_counter() - t0:.1f} s", flush=True)
 
-        # The reference, then a second uninterrupted run: it must match too (else nothing can), and its timing (warm
-        # caches) is the one the kill delays are drawn against.
+        # The reference, then a second uninterrupted run: it must match too (else nothing can); the shorter of the two
+        # is the first estimate of a run's duration.
         timings = []
         for name in ("reference", "control"):
             run_dir = root / name
@@ -225,28 +246,31 @@ def main(argv: list[str] | None = None) -> int:
             subprocess.run(finetune_command(run_dir, init), env=env, capture_output=True, text=True, check=True)
             total = time.perf_counter() - start
             training = (run_dir / "config.yaml").stat().st_mtime - wall0     # written when the training loop starts
-            timings.append((total, min(max(training, 0.1), 0.9 * total)))
+            exported = (run_dir / "model.safetensors").stat().st_mtime - wall0   # the last export, after step 12
+            timings.append((total, training, exported))
         reference = final_state(root / "reference")
         control = differences(reference, final_state(root / "control"))
-        total, startup = min(timings)
+        total, startup, end = min(timings)
         print(f"reference: {STEPS} steps, final {reference['latest']}; uninterrupted runs took "
-              f"{', '.join(f'{t:.2f} s (training from {s:.2f} s)' for t, s in timings)}; second run identical: "
+              f"{', '.join(f'{t:.2f} s (training {s:.2f}-{e:.2f} s)' for t, s, e in timings)}; second run identical: "
               f"{'yes' if not control else f'no {control[:6]}'}", flush=True)
 
+        # The machine is shared, so run times drift: the kill delay is a fraction of the shortest full run seen so
+        # far; a trial whose run finished before its kill is repeated (fresh folder) against the updated estimate.
         rng = random.Random(args.seed)
         identical = 0
-        for trial, delay in enumerate(kill_times(args.trials, startup, total, rng), start=1):
+        for trial, fraction in enumerate(kill_fractions(args.trials, startup / total, end / total, rng), start=1):
             run_dir = root / f"trial_{trial:02d}"
             cmd = finetune_command(run_dir, init)
-            proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-            launched = time.perf_counter()
-            time.sleep(max(0.0, delay - (time.perf_counter() - launched)))
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGKILL)
-                proc.wait()
-                what = f"killed at {delay:5.2f} s"
-            else:
-                what = f"finished before {delay:5.2f} s"
+            for _ in range(4):
+                shutil.rmtree(run_dir, ignore_errors=True)
+                delay = fraction * total
+                finished = start_and_kill(cmd, env, delay)
+                if finished is None:
+                    break
+                total = min(total, finished)
+            what = f"killed at {delay:5.2f} s ({fraction:4.0%} of a run)" if finished is None else \
+                f"finished before {delay:5.2f} s"
             torn = torn_writes(run_dir) if run_dir.exists() else []
             latest = run_dir / "checkpoints" / "latest"
             on_disk = latest.read_text().strip() if latest.is_file() else "none"

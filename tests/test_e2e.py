@@ -203,20 +203,17 @@ def test_gradients_flow_through_every_step_and_truncation_keeps_the_last_steps()
     assert e2e_grads(net, None, k).abs().max().item() == 0.0     # every step frozen: no gradient at all
     ts = lcm_timesteps(k)
 
-    class AllLive(LiveAtStep):
-        def forward(self, x, t, cond, w=None):
-            return self.net(x, t, cond, w=w)
-
     per_step = [e2e_grads(net, float(t), k) for t in ts]
     for i, grad in enumerate(per_step):
-        assert grad.norm() > 1e-8 * (1 + per_step[-1].norm()), f"no gradient from step {i} (t={ts[i]})"
+        assert grad.norm() > 1e-3 * per_step[-1].norm(), f"no gradient from step {i} (t={ts[i]})"
     # the full gradient is the sum of the per-step contributions
     ae, images, cond = tiny_autoencoder(dtype=torch.float64), make_images(2, dtype=torch.float64), \
         make_cond(2, dtype=torch.float64)
 
     def grads_all(grad_from_step, checkpoint):
         net.zero_grad(set_to_none=True)
-        z0, z0_hat = e2e_step(Denoiser(AllLive(ResidualEps(net), None), SCHEDULE, "eps"), ae, images, cond, timesteps=ts, m=2,
+        student = Denoiser(ResidualEps(net), SCHEDULE, "eps")
+        z0, z0_hat = e2e_step(student, ae, images, cond, timesteps=ts, m=2,
                               generator=torch.Generator().manual_seed(7), checkpoint=checkpoint,
                               grad_from_step=grad_from_step)
         (z0_hat - z0.repeat_interleave(2, 0)).square().mean().backward()
@@ -240,7 +237,8 @@ def test_checkpointing_gives_the_same_gradients(k):
     grads = []
     for checkpoint in (False, True):
         net.zero_grad(set_to_none=True)
-        z0, z0_hat = e2e_step(Denoiser(ResidualEps(net), SCHEDULE, "eps"), ae, images, cond, timesteps=lcm_timesteps(k), m=3,
+        z0, z0_hat = e2e_step(Denoiser(ResidualEps(net), SCHEDULE, "eps"), ae, images, cond,
+                              timesteps=lcm_timesteps(k), m=3,
                               generator=torch.Generator().manual_seed(5), w=1.5, checkpoint=checkpoint)
         per_image, _ = objective(z0_hat, z0, images, cond, torch.tensor([0, 1]), 3)
         per_image.mean().backward()
@@ -417,7 +415,8 @@ def test_gan_terms(gan_space, gan_loss):
 def test_adaptive_gan_weight_is_finite_and_vqgan_shaped():
     net, ae = tiny_dit(0), tiny_autoencoder()
     images, cond = make_images(2), make_cond(2)
-    z0, z0_hat = e2e_step(Denoiser(ResidualEps(net), SCHEDULE, "eps"), ae, images, cond, timesteps=lcm_timesteps(2), m=2,
+    z0, z0_hat = e2e_step(Denoiser(ResidualEps(net), SCHEDULE, "eps"), ae, images, cond, timesteps=lcm_timesteps(2),
+                          m=2,
                           generator=torch.Generator().manual_seed(1), checkpoint=True)
     torch.manual_seed(0)
     obj = E2EObjective(E2ELoss(energy=0.0, l2=1.0, gan=0.1, gan_adaptive=True), ae, text_dim=TEXT_DIM)

@@ -57,8 +57,8 @@ class TrainingData:
 
             if cfg.data_dir is None:
                 raise ValueError("data.data_dir must name the image folder when data.dataset=folder")
-            ds = ImageFolderText(cfg.data_dir, cfg.captions_file, size=32, channels=cfg.image_channels,
-                                 skip_bad_files=cfg.skip_bad_files)
+            ds = ImageFolderText(cfg.data_dir, size=32, channels=cfg.image_channels, skip_bad_files=cfg.skip_bad_files,
+                                 captions_file=cfg.captions_file or "captions.jsonl")
             items = [ds[i] for i in range(len(ds))]
             self.captions = list(ds.captions)
             self.images = torch.stack([it["image"] for it in items]).to(self.device)

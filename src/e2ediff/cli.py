@@ -325,7 +325,9 @@ def main(argv: list[str] | None = None) -> int:
         user_errors = (ConfigError, CheckpointError, FileNotFoundError, ValueError, ImportError, TrainingStopped)
         if os.environ.get("E2EDIFF_DEBUG") or not isinstance(e, user_errors):
             raise
-        print(f"error: {e}", file=sys.stderr)
+        # One line, even for messages that span several (a YAML parser's error with its context marks).
+        message = " ".join(line.strip() for line in str(e).splitlines() if line.strip())
+        print(f"error: {message}", file=sys.stderr)
         return 2
     return 0
 

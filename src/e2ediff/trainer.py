@@ -225,7 +225,7 @@ def train(task: Task, cfg: TrainConfig, run_dir: Path, run_config: Any, command:
             try:
                 load_state_strict(part.module, split_prefix(tensors, f"{part.name}"), f"{path} ({part.name})")
             except CheckpointError as e:
-                raise CheckpointError(f"{e}. Resume with the config the run was started with "
+                raise CheckpointError(f"{e}; resume with the config the run was started with "
                                       f"({run_dir / 'config.yaml'}) or use another --run-dir") from None
             load_optimizer_state(optimizers[part.name], f"optim/{part.name}", tensors, state["optim"][part.name])
             schedulers[part.name].load_state_dict(state["sched"][part.name])

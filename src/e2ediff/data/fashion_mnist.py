@@ -139,9 +139,9 @@ def cache_dir() -> Path:
 def find_fashion_mnist(data_dir: str | os.PathLike | None = None) -> Path:
     """The folder holding the Fashion-MNIST IDX files ({train,t10k}-{images-idx3,labels-idx1}-ubyte[.gz]).
 
-    An explicit `data_dir` must hold them. Otherwise the search order is: $E2EDIFF_DATA_DIR,
-    $E2EDIFF_CACHE/fashion-mnist/usr/share/datasets/fashion-mnist (where the install script unpacks without root),
-    /usr/share/datasets/fashion-mnist (the Debian package).
+    An explicit `data_dir` must hold them, and so must $E2EDIFF_DATA_DIR when it is set. Otherwise the search order
+    is: $E2EDIFF_CACHE/fashion-mnist/usr/share/datasets/fashion-mnist (where the install script unpacks without
+    root), /usr/share/datasets/fashion-mnist (the Debian package).
     """
     if data_dir is not None:
         directory = Path(data_dir).expanduser()
@@ -150,10 +150,14 @@ def find_fashion_mnist(data_dir: str | os.PathLike | None = None) -> Path:
                                     f"{{train,t10k}}-{{images-idx3,labels-idx1}}-ubyte[.gz]; install them with "
                                     f"`{INSTALL_HINT}` or pass the folder that holds them")
         return directory
-    candidates = []
-    if os.environ.get("E2EDIFF_DATA_DIR"):
-        candidates.append(Path(os.environ["E2EDIFF_DATA_DIR"]).expanduser())
-    candidates.append(cache_dir() / "fashion-mnist" / "usr" / "share" / "datasets" / "fashion-mnist")
+    if os.environ.get("E2EDIFF_DATA_DIR"):  # set on purpose: never fall back silently to another copy
+        directory = Path(os.environ["E2EDIFF_DATA_DIR"]).expanduser()
+        if not _has_fashion_mnist(directory):
+            raise FileNotFoundError(f"E2EDIFF_DATA_DIR={directory} does not hold the Fashion-MNIST files "
+                                    f"{{train,t10k}}-{{images-idx3,labels-idx1}}-ubyte[.gz]; install them with "
+                                    f"`{INSTALL_HINT}` or unset E2EDIFF_DATA_DIR")
+        return directory
+    candidates = [cache_dir() / "fashion-mnist" / "usr" / "share" / "datasets" / "fashion-mnist"]
     candidates.append(SYSTEM_DIR)
     for directory in candidates:
         if _has_fashion_mnist(directory):
