@@ -21,6 +21,7 @@ evals() {  # evals NAME MODEL K...: test (reporting) and val (selection) rows
     done
   done
 }
+if [ -z "${SWEEP:-}" ]; then
 python3 benchmarks/e2e_memory.py --device cuda 2>&1 | tail -8
 python3 benchmarks/step_time.py --device cuda 2>&1 | tail -6
 evals lcm "$LCM" 1 2 4
@@ -35,8 +36,12 @@ run l2_4 4 samples_per_caption=1 train.batch_size=256 loss.energy=0 loss.l2=1
 run energy2 2 samples_per_caption=4 train.batch_size=64
 run l2lpips4 4 samples_per_caption=1 train.batch_size=256 loss.energy=0 loss.l2=1 loss.lpips=1 loss.lpips_weights=$LP
 run l2ot4 4 samples_per_caption=4 train.batch_size=64 loss.energy=0 loss.l2=1 loss.coupling=minibatch_ot
+else  # the learning-rate sweep of the energy rows (second pass, chosen on the validation split)
+run energy4_lr1e-4 4 samples_per_caption=4 train.batch_size=64 optim.lr=1e-4
+run energy2_lr1e-4 2 samples_per_caption=4 train.batch_size=64 optim.lr=1e-4
+run energy2_lr3e-4 2 samples_per_caption=4 train.batch_size=64 optim.lr=3e-4
+fi
 if [ -n "${OUT:-}" ]; then
-  cp "$R/energy4/model.safetensors" "$OUT/tiny_e2e_energy4.safetensors"
-  cp "$R/energy2/model.safetensors" "$OUT/tiny_e2e_energy2.safetensors"
+  for d in "$R"/*/; do n=$(basename "$d"); [ -f "$d/model.safetensors" ] && cp "$d/model.safetensors" "$OUT/tiny_e2e_$n.safetensors"; done
   tar czf "$OUT/e2e_logs.tgz" "$R"/*.json "$R"/*/metrics.jsonl "$R"/*/config.yaml 2>/dev/null
 fi
