@@ -21,16 +21,16 @@ evals() {  # evals NAME MODEL K...: test (reporting) and val (selection) rows
     done
   done
 }
-if [ -z "${SWEEP:-}" ]; then
-python3 benchmarks/e2e_memory.py --device cuda 2>&1 | tail -8
-python3 benchmarks/step_time.py --device cuda 2>&1 | tail -6
-evals lcm "$LCM" 1 2 4
 COMMON="init=$LCM train.steps=$STEPS train.checkpoint_every=100 train.progress=false train.log_every=20 optim.lr=${LR:-2e-5}"
 run() {  # run NAME K overrides...
   local name=$1 k=$2; shift 2
   stage "$name" timeout "$SECS" $E finetune --run-dir "$R/$name" $COMMON sampler_steps=$k "$@"
   evals "$name" "$R/$name/model.safetensors" $k
 }
+if [ -z "${SWEEP:-}" ]; then
+python3 benchmarks/e2e_memory.py --device cuda 2>&1 | tail -8
+python3 benchmarks/step_time.py --device cuda 2>&1 | tail -6
+evals lcm "$LCM" 1 2 4
 run energy4 4 samples_per_caption=4 train.batch_size=64
 run l2_4 4 samples_per_caption=1 train.batch_size=256 loss.energy=0 loss.l2=1
 run energy2 2 samples_per_caption=4 train.batch_size=64
