@@ -66,6 +66,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--save-samples", type=Path, help="also write samples.npz and grid.png into this folder")
     _sampler_args(p)
 
+    p = sub.add_parser("demo", help="the Fashion-MNIST miniature on a CPU: fine-tune, evaluate, write a report")
+    p.add_argument("--output", type=Path, default=Path("runs/demo"), help="report folder")
+    p.add_argument("--from-scratch", action="store_true", help="train every tiny model here first (~1 h on 2 cores)")
+    p.add_argument("--finetune-steps", type=int, default=30)
+    p.add_argument("--num-samples", type=int, default=2000)
+    p.add_argument("--seed", type=int, default=0)
+
     p = sub.add_parser("train-classifier", help="train the evaluation classifier (a supervised ResNet)")
     p.add_argument("--output", type=Path, required=True, help="output folder (model.safetensors + config.json)")
     p.add_argument("--steps", type=int, default=4000)
@@ -307,11 +314,20 @@ def cmd_train_lpips(args) -> None:
     print(f"LPIPS feature network (SimCLR, VGG-like; not the evaluation classifier) -> {args.output}")
 
 
+def cmd_demo(args) -> None:
+    from e2ediff.demo import run_demo
+
+    if args.finetune_steps < 1 or args.num_samples < 10:
+        raise ValueError("--finetune-steps must be >= 1 and --num-samples >= 10")
+    report = run_demo(args.output, args.from_scratch, args.finetune_steps, args.num_samples, args.seed)
+    print(f"demo report: {report.resolve()}")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     handlers = {"encode-prompts": cmd_encode_prompts, "sample": cmd_sample, "evaluate": cmd_evaluate,
-                "train-classifier": cmd_train_classifier, "train-lpips": cmd_train_lpips}
+                "train-classifier": cmd_train_classifier, "demo": cmd_demo, "train-lpips": cmd_train_lpips}
     try:
         handlers.get(args.command, cmd_train)(args)
     except KeyboardInterrupt:

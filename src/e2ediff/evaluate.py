@@ -88,7 +88,7 @@ def evaluate_model(model_path: str | Path, spec, classifier_dir: str | Path, num
     n_params = sum(p.numel() for p in pipe.net.parameters())
     result.update({"model": str(model_path), "kind": pipe.meta.get("kind"), "sampler": spec.name,
                    "timesteps": spec.resolved_timesteps(), "nfe": spec.nfe, "guidance": spec.guidance, "w": spec.w,
-                   "params": n_params, "seed": seed, "sample_seconds": seconds})
+                   "params": n_params, "seed": seed, "sample_seconds": seconds, "model_step": pipe.meta.get("step")})
     return result, images, labels
 
 
