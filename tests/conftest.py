@@ -2,6 +2,8 @@
 import pytest
 import torch
 
+torch.set_num_threads(1)  # also for module-scoped fixtures, which run before the autouse fixture below
+
 
 @pytest.fixture(autouse=True)
 def _one_thread():
