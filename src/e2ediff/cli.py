@@ -22,6 +22,10 @@ def _training_parser(sub, name: str, help: str, presets: list[str]) -> argparse.
     p.add_argument("--preset", default="tiny", choices=presets, help="named defaults (tiny: CPU, base: one GPU)")
     p.add_argument("--config", type=Path, help="YAML file with overrides of the preset")
     p.add_argument("--run-dir", type=Path, required=True, help="run folder: config, checkpoints, logs, model file")
+    p.add_argument("--data-dir", type=Path, help="Fashion-MNIST IDX files (.gz or raw), or the image folder "
+                   "(same as data.data_dir=...)")
+    p.add_argument("--skip-bad-files", action="store_true", help="skip unreadable images with a counted warning "
+                   "(same as data.skip_bad_files=true)")
     p.add_argument("overrides", nargs="*", metavar="key.sub=value", help="dotted overrides, e.g. train.steps=100")
     return p
 
@@ -64,6 +68,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--split", choices=["test", "val"], default="test", help="real images to compare with")
     p.add_argument("--output", type=Path, help="write the metrics as JSON here")
     p.add_argument("--save-samples", type=Path, help="also write samples.npz and grid.png into this folder")
+    p.add_argument("--data-dir", type=Path, help="Fashion-MNIST IDX files (.gz or raw)")
     _sampler_args(p)
 
     p = sub.add_parser("demo", help="the Fashion-MNIST miniature on a CPU: fine-tune, evaluate, write a report")
@@ -73,7 +78,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-samples", type=int, default=2000)
     p.add_argument("--seed", type=int, default=0)
 
+    p.add_argument("--data-dir", type=Path, help="Fashion-MNIST IDX files (.gz or raw)")
+
     p = sub.add_parser("train-classifier", help="train the evaluation classifier (a supervised ResNet)")
+    p.add_argument("--data-dir", type=Path, help="Fashion-MNIST IDX files (.gz or raw)")
     p.add_argument("--output", type=Path, required=True, help="output folder (model.safetensors + config.json)")
     p.add_argument("--steps", type=int, default=4000)
     p.add_argument("--batch-size", type=int, default=256)
@@ -82,6 +90,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto")
 
     p = sub.add_parser("train-lpips", help="train the LPIPS feature network for the miniature (SimCLR, VGG-like)")
+    p.add_argument("--data-dir", type=Path, help="Fashion-MNIST IDX files (.gz or raw)")
     p.add_argument("--output", type=Path, required=True, help="output file (.safetensors)")
     p.add_argument("--steps", type=int, default=3000)
     p.add_argument("--batch-size", type=int, default=256)
@@ -135,6 +144,11 @@ def cmd_encode_prompts(args) -> None:
 
 def _resolve_run(args, presets):
     from e2ediff.config import resolve
+
+    if getattr(args, "data_dir", None) is not None:
+        args.overrides = [f"data.data_dir={args.data_dir}", *args.overrides]
+    if getattr(args, "skip_bad_files", False):
+        args.overrides = ["data.skip_bad_files=true", *args.overrides]
 
     cfg = resolve(presets[args.preset], args.config, args.overrides)
     # Module initialisation (a fresh DiT, the GAN discriminator) draws from torch's global RNG: seed it (and the
@@ -326,6 +340,8 @@ def cmd_demo(args) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    if args.command in ("evaluate", "train-classifier", "train-lpips", "demo") and args.data_dir is not None:
+        os.environ["E2EDIFF_DATA_DIR"] = str(args.data_dir)
     handlers = {"encode-prompts": cmd_encode_prompts, "sample": cmd_sample, "evaluate": cmd_evaluate,
                 "train-classifier": cmd_train_classifier, "demo": cmd_demo, "train-lpips": cmd_train_lpips}
     try:

@@ -53,7 +53,9 @@ class E2ELoss:
 class FinetuneRun:
     init: str = ""                       # the model to fine-tune: an LCM student file (or any pipeline file)
     sampler_steps: int = 4               # K: steps of the unrolled sampler
-    timesteps: tuple[int, ...] | None = None   # explicit list (default: diffusers' LCM schedule for K steps)
+    timesteps: tuple[int, ...] | None = None   # explicit list; None: the `timestep_schedule` for K steps
+    timestep_schedule: Literal["lcm", "pixart"] = "lcm"   # diffusers' LCMScheduler (999/759/499/259 for K = 4)
+                                                          # or PixArt-δ's own (999/759/519/279)
     renoise: Literal["vp", "ve"] = "vp"  # re-noise form between steps (VP as PixArt/SD; VE as Algorithm 1 writes it)
     w: float | None = None               # guidance-scale embedding input (default: the init file's sampler w)
     samples_per_caption: int = 4         # m: independent noises per training image (energy score needs >= 2)
@@ -229,7 +231,7 @@ class FinetuneTask(Task):
     def __init__(self, cfg: FinetuneRun, device: torch.device, data=None, init=None):
         from e2ediff.assets import TrainingData, load_pipeline
         from e2ediff.denoiser import Denoiser
-        from e2ediff.schedules import lcm_timesteps
+        from e2ediff.schedules import lcm_timesteps, pixart_lcm_timesteps
 
         self.cfg = cfg
         self.device = device
@@ -238,7 +240,8 @@ class FinetuneTask(Task):
         self.data = data if data is not None else TrainingData(cfg.data, "train", device)
         net = copy.deepcopy(self.init.net).requires_grad_(True).train()
         self.schedule, self.prediction = self.init.denoiser.schedule, self.init.denoiser.prediction
-        self.timesteps = list(cfg.timesteps) if cfg.timesteps is not None else lcm_timesteps(cfg.sampler_steps)
+        schedule = lcm_timesteps if cfg.timestep_schedule == "lcm" else pixart_lcm_timesteps
+        self.timesteps = list(cfg.timesteps) if cfg.timesteps is not None else schedule(cfg.sampler_steps)
         sampler = self.init.meta.get("sampler", {})
         self.w = cfg.w if cfg.w is not None else (sampler.get("w") if net.config.guidance_embed else None)
         if net.config.guidance_embed and self.w is None:

@@ -1,0 +1,75 @@
+"""CLI conveniences that map onto config keys, the PixArt timestep option, and the evaluate command."""
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from helpers import fake_env, fake_env_paths, pipeline_files, resolve_run  # noqa: F401  (fixtures)
+
+
+def test_data_dir_and_skip_bad_files_flags_become_overrides(tmp_path):
+    from e2ediff.cli import _resolve_run, build_parser
+    from e2ediff.pretrain import PRESETS
+
+    args = build_parser().parse_args(["pretrain", "--run-dir", str(tmp_path), "--data-dir", "/some/idx",
+                                      "--skip-bad-files", "autoencoder=ae.safetensors"])
+    cfg = _resolve_run(args, PRESETS)
+    assert cfg.data.data_dir == "/some/idx"
+    assert cfg.data.skip_bad_files is True
+    args = build_parser().parse_args(["pretrain", "--run-dir", str(tmp_path), "autoencoder=ae.safetensors"])
+    cfg = _resolve_run(args, PRESETS)
+    assert cfg.data.data_dir is None and cfg.data.skip_bad_files is False
+
+
+def test_finetune_timestep_schedules(fake_env, pipeline_files):
+    from e2ediff.assets import TrainingData, load_pipeline
+    from e2ediff.e2e import FinetuneTask
+
+    init = f"init={pipeline_files['student']}"
+    expected = {("lcm", 4): [999, 759, 499, 259], ("pixart", 4): [999, 759, 519, 279], ("lcm", 2): [999, 499]}
+    for (schedule, k), timesteps in expected.items():
+        cfg = resolve_run("finetune", init, f"sampler_steps={k}", f"timestep_schedule={schedule}")
+        task = FinetuneTask(cfg, torch.device("cpu"), data=TrainingData(cfg.data, "train", "cpu"),
+                            init=load_pipeline(pipeline_files["student"]))
+        assert task.timesteps == timesteps
+    cfg = resolve_run("finetune", init, "sampler_steps=2", "timesteps=[900,300]", "timestep_schedule=pixart")
+    task = FinetuneTask(cfg, torch.device("cpu"), data=TrainingData(cfg.data, "train", "cpu"),
+                        init=load_pipeline(pipeline_files["student"]))
+    assert task.timesteps == [900, 300]   # an explicit list wins over the named schedule
+
+
+@pytest.fixture
+def classifier_dir(tmp_path):
+    from e2ediff.metrics.classifier import ClassifierConfig, FashionClassifier, init_weights, save_classifier
+
+    model = FashionClassifier(ClassifierConfig(channels=(8, 16), blocks=1))
+    init_weights(model, torch.Generator().manual_seed(0))
+    save_classifier(model.eval(), tmp_path / "classifier")
+    return tmp_path / "classifier"
+
+
+def test_evaluate_model_and_npz_agree(fake_env, pipeline_files, classifier_dir, tmp_path, capsys):
+    """`evaluate --checkpoint --save-samples` and `evaluate --samples` on the saved npz give the same metrics."""
+    from e2ediff.cli import main
+
+    out_a, out_b = tmp_path / "a.json", tmp_path / "b.json"
+    assert main(["evaluate", "--checkpoint", str(pipeline_files["teacher"]), "--classifier", str(classifier_dir),
+                 "--num-samples", "40", "--steps", "2", "--device", "cpu", "--output", str(out_a),
+                 "--save-samples", str(tmp_path / "s")]) == 0
+    assert main(["evaluate", "--samples", str(tmp_path / "s" / "samples.npz"), "--classifier", str(classifier_dir),
+                 "--device", "cpu", "--output", str(out_b)]) == 0
+    a, b = json.loads(out_a.read_text()), json.loads(out_b.read_text())
+    for key in ("fd", "kid_mean", "alignment", "diversity_rel"):
+        assert np.isfinite(a[key]) and a[key] == pytest.approx(b[key], rel=1e-9, abs=1e-12), key
+    assert a["n"] == 40 and a["nfe"] == 2 and a["timesteps"] == [999, 499]
+    assert (tmp_path / "s" / "grid.png").exists()
+    capsys.readouterr()
+
+
+def test_evaluate_without_classifier_is_a_clear_error(fake_env, pipeline_files, tmp_path, capsys):
+    from e2ediff.cli import main
+
+    rc = main(["evaluate", "--checkpoint", str(pipeline_files["teacher"]), "--classifier", str(tmp_path / "none")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1 and err[0].startswith("error:") and "train-classifier" in err[0]
