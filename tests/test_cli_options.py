@@ -73,3 +73,24 @@ def test_evaluate_without_classifier_is_a_clear_error(fake_env, pipeline_files, 
     rc = main(["evaluate", "--checkpoint", str(pipeline_files["teacher"]), "--classifier", str(tmp_path / "none")])
     err = capsys.readouterr().err.strip().splitlines()
     assert rc == 2 and len(err) == 1 and err[0].startswith("error:") and "train-classifier" in err[0]
+
+
+def test_ema_warmup_and_plain_decay():
+    """shadow ← d·shadow + (1 − d)·θ with d = min(decay, (1 + s)/(10 + s)); warmup=False keeps d = decay."""
+    from e2ediff.ema import EMA
+
+    model = torch.nn.Linear(3, 2)
+    for warmup in (True, False):
+        ema = EMA(model, 0.999, warmup=warmup)
+        expected = {k: v.detach().clone().double() for k, v in model.state_dict().items()}
+        for step in range(5):
+            with torch.no_grad():
+                for p in model.parameters():
+                    p.add_(0.1 * (step + 1))
+            ema.update(model, step)
+            d = min(0.999, (1 + step) / (10 + step)) if warmup else 0.999
+            for k, v in model.state_dict().items():
+                expected[k] = d * expected[k] + (1 - d) * v.double()
+        for k in expected:
+            torch.testing.assert_close(ema.state_dict()[k].double(), expected[k], rtol=1e-6, atol=1e-6)
+    assert EMA(model, 0.95).decay_at(10_000) == 0.95

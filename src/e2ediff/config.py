@@ -68,7 +68,8 @@ class TrainConfig:
     steps: int = 1000                    # optimizer steps in total (a resumed run continues up to this number)
     batch_size: int = 64                 # images per optimizer step, over all processes
     seed: int = 0                        # every random draw derives from (seed, step, process)
-    ema_decay: float = 0.999             # EMA of the trained weights, used for sampling; 0 disables
+    ema_decay: float = 0.999             # EMA of the trained weights, used for sampling; 0 disables; warm-up
+                                         # min(decay, (1 + s)/(10 + s)) at step s
     log_every: int = 10                  # steps between metric lines (JSONL + tensorboard)
     checkpoint_every: int = 500          # steps between checkpoints (one is always written at the end)
     keep_last: int = 3                   # checkpoints kept; older ones are deleted after a newer one is complete

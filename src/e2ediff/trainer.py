@@ -318,7 +318,7 @@ def train(task: Task, cfg: TrainConfig, run_dir: Path, run_config: Any, command:
                     opt.step()
                     schedulers[part.name].step()
                     if part.name in emas:
-                        emas[part.name].update(accelerator.unwrap_model(part.module))
+                        emas[part.name].update(accelerator.unwrap_model(part.module), step)
             if ok:
                 nonfinite = 0
                 task.after_step(step)
