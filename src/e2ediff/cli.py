@@ -77,30 +77,28 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--finetune-steps", type=int, default=30)
     p.add_argument("--num-samples", type=int, default=2000)
     p.add_argument("--seed", type=int, default=0)
-
     p.add_argument("--data-dir", type=Path, help="Fashion-MNIST IDX files (.gz or raw)")
 
-    p = sub.add_parser("train-classifier", help="train the evaluation classifier (a supervised ResNet)")
-    p.add_argument("--data-dir", type=Path, help="Fashion-MNIST IDX files (.gz or raw)")
-    p.add_argument("--output", type=Path, required=True, help="output folder (model.safetensors + config.json)")
-    p.add_argument("--steps", type=int, default=4000)
-    p.add_argument("--batch-size", type=int, default=256)
-    p.add_argument("--lr", type=float, default=2e-3)
-    p.add_argument("--seed", type=int, default=1234)
-    p.add_argument("--device", default="auto")
-
-    p = sub.add_parser("train-lpips", help="train the LPIPS feature network for the miniature (SimCLR, VGG-like)")
-    p.add_argument("--data-dir", type=Path, help="Fashion-MNIST IDX files (.gz or raw)")
-    p.add_argument("--output", type=Path, required=True, help="output file (.safetensors)")
-    p.add_argument("--steps", type=int, default=3000)
-    p.add_argument("--batch-size", type=int, default=256)
-    p.add_argument("--lr", type=float, default=2e-3)
-    p.add_argument("--seed", type=int, default=7)
-    p.add_argument("--device", default="auto")
+    _network_parser(sub, "train-classifier", "train the evaluation classifier (a supervised ResNet)",
+                    "output folder (model.safetensors + config.json)", steps=4000, seed=1234)
+    _network_parser(sub, "train-lpips", "train the LPIPS feature network for the miniature (SimCLR, VGG-like)",
+                    "output file (.safetensors)", steps=3000, seed=7)
     return parser
 
 
 DEFAULT_CLASSIFIER = Path(__file__).resolve().parents[2] / "checkpoints" / "classifier"
+
+
+def _network_parser(sub, name: str, help: str, output_help: str, steps: int, seed: int) -> None:
+    """The evaluation classifier and the LPIPS network: different networks, objectives and seeds, same options."""
+    p = sub.add_parser(name, help=help, description=help)
+    p.add_argument("--output", type=Path, required=True, help=output_help)
+    p.add_argument("--steps", type=int, default=steps)
+    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--lr", type=float, default=2e-3)
+    p.add_argument("--seed", type=int, default=seed)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--data-dir", type=Path, help="Fashion-MNIST IDX files (.gz or raw)")
 
 
 def _sampler_args(p: argparse.ArgumentParser) -> None:
