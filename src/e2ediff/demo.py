@@ -40,7 +40,7 @@ def from_scratch(out: Path) -> dict[str, Path]:
     return {"lcm": runs / "lcm" / "model.safetensors", "classifier": runs / "classifier", "e2e": None}
 
 
-def run_demo(out: Path, scratch: bool = False, finetune_steps: int = 30, num_samples: int = 2000,
+def run_demo(out: Path, scratch: bool = False, finetune_steps: int = 40, num_samples: int = 2000,
              seed: int = 0) -> Path:
     from e2ediff.evaluate import evaluate_model, write_json
     from e2ediff.generate import SamplerSpec, save_grid
@@ -60,7 +60,7 @@ def run_demo(out: Path, scratch: bool = False, finetune_steps: int = 30, num_sam
                                         f"--from-scratch)")
     finetune_dir = out / "finetune"
     _run(["finetune", "--run-dir", str(finetune_dir), f"init={models['lcm']}", f"train.steps={finetune_steps}",
-          "train.batch_size=8", "samples_per_caption=4", "optim.lr=2e-5", "train.checkpoint_every=10",
+          "train.batch_size=16", "samples_per_caption=4", "optim.lr=2e-5", "train.checkpoint_every=10",
           "train.log_every=5", "train.device=cpu"])
     rows = [("LCM student (shipped)" if not scratch else "LCM student", models["lcm"]),
             (f"+ E2E fine-tune, {finetune_steps} steps here (energy score)", finetune_dir / "model.safetensors")]
