@@ -1,0 +1,77 @@
+"""Figures for docs/results.md from the evaluation JSON files and training logs of a results folder.
+
+    python scripts/plot_results.py docs/results/tiny-2026-11-25 --output docs/figures
+
+Writes fd_vs_nfe.png (FD and diversity against the number of function evaluations, one line per model family) and
+training_curves.png (E2E training loss and output spread per run; the spread falls toward 0 when samples collapse).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import re
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+
+def load_rows(folder: Path, split: str) -> dict[str, list[dict]]:
+    rows: dict[str, list[dict]] = {}
+    for f in sorted(folder.glob("eval_*.json")):
+        m = re.fullmatch(rf"eval_(.+)_k\d+_{split}\.json", f.name) or re.fullmatch(r"eval_(teacher)_ddim\d+\.json", f.name)
+        if m:
+            rows.setdefault(m.group(1), []).append(json.loads(f.read_text()))
+    return rows
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("folder", type=Path)
+    p.add_argument("--output", type=Path, default=Path("docs/figures"))
+    p.add_argument("--split", default="test")
+    args = p.parse_args()
+    args.output.mkdir(parents=True, exist_ok=True)
+    rows = load_rows(args.folder, args.split)
+
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
+    for name, rs in sorted(rows.items()):
+        rs = sorted(rs, key=lambda r: r["nfe"])
+        style = "o-" if len(rs) > 1 else "s"
+        for ax, key in zip(axes, ("fd", "diversity_rel")):
+            ax.plot([r["nfe"] for r in rs], [r[key] for r in rs], style, label=name)
+    for ax, label in zip(axes, ("FD (classifier features) ↓", "diversity relative to real ↑")):
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("NFE")
+        ax.set_ylabel(label)
+    axes[1].legend(fontsize=7, ncol=2)
+    fig.suptitle(f"{args.folder.name}: {args.split} split, 10,000 samples per point", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(args.output / "fd_vs_nfe.png", dpi=110)
+    plt.close(fig)
+
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
+    for f in sorted(args.folder.glob("metrics_*.jsonl")):
+        lines = [json.loads(x) for x in f.read_text().splitlines() if x.strip()]
+        if not lines or "output_std" not in lines[0]:
+            continue
+        name = f.stem.removeprefix("metrics_")
+        steps = [x["step"] for x in lines]
+        axes[0].plot(steps, [x["loss/net"] for x in lines], label=name)
+        axes[1].plot(steps, [x["output_std"] for x in lines], label=name)
+    axes[0].set_yscale("log")
+    axes[0].set_ylabel("training loss (per run's own loss)")
+    axes[1].set_ylabel("spread of outputs (std over the batch)")
+    for ax in axes:
+        ax.set_xlabel("E2E step")
+    axes[1].legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    fig.savefig(args.output / "training_curves.png", dpi=110)
+    plt.close(fig)
+    print(f"wrote {args.output / 'fd_vs_nfe.png'} and {args.output / 'training_curves.png'}")
+
+
+if __name__ == "__main__":
+    main()
