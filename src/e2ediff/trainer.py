@@ -15,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import os
 import sys
 import time
 import warnings
@@ -88,7 +89,10 @@ def step_generator(seed: int, step: int, rank: int, device: torch.device) -> tor
 class BatchStream:
     """Indices of the batch of step ``s``: epoch-wise permutations seeded by (seed, epoch), split over processes."""
 
-    def __init__(self, n: int, batch_size: int, seed: int, rank: int = 0, world: int = 1):
+    def __init__(self, n: int, batch_size: int, seed: int, rank: int | None = None, world: int | None = None):
+        # Several processes (accelerate launch / torchrun): each takes its slice of the global batch.
+        rank = int(os.environ.get("RANK", 0)) if rank is None else rank
+        world = int(os.environ.get("WORLD_SIZE", 1)) if world is None else world
         if n < 1:
             raise ValueError("the training set is empty")
         if batch_size % world:
@@ -116,11 +120,25 @@ class BatchStream:
         return idx[self.rank * per:(self.rank + 1) * per]
 
 
+def _average_gradients(params: list[torch.Tensor], world: int) -> None:
+    """Mean of every gradient over the processes (a missing gradient counts as zero on that process)."""
+    import torch.distributed as dist
+
+    for p in params:
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+        dist.all_reduce(p.grad, op=dist.ReduceOp.SUM)
+        p.grad.div_(world)
+
+
 def resolve_device(name: str) -> torch.device:
+    """auto -> cuda when available; under `accelerate launch` / torchrun, cuda means this process's GPU."""
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        name = "cuda" if torch.cuda.is_available() else "cpu"
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise RuntimeError(f"train.device={name} but no CUDA device is available")
+    if name == "cuda" and "LOCAL_RANK" in os.environ:
+        return torch.device(f"cuda:{int(os.environ['LOCAL_RANK'])}")
     return torch.device(name)
 
 
@@ -240,10 +258,10 @@ def train(task: Task, cfg: TrainConfig, run_dir: Path, run_config: Any, command:
         run_dir.mkdir(parents=True, exist_ok=True)
         dump_yaml(run_config, run_dir / "config.yaml", command=command)
 
-    modules = accelerator.prepare(*[p.module for p in task.parts])
-    if len(task.parts) == 1:
-        modules = [modules]
-    task._prepared = {p.name: m for p, m in zip(task.parts, modules)}
+    # Modules are not wrapped in DistributedDataParallel: the unrolled sampler calls the same network K times before
+    # one backward (and a GAN uses its discriminator twice), which DDP's reducer does not allow without a static
+    # graph. Gradients are averaged over processes explicitly after each backward instead (_average_gradients).
+    task._prepared = {p.name: p.module for p in task.parts}
     prepared_opts = accelerator.prepare(*[optimizers[p.name] for p in task.parts])
     if len(task.parts) == 1:
         prepared_opts = [prepared_opts]
@@ -307,6 +325,8 @@ def train(task: Task, cfg: TrainConfig, run_dir: Path, run_config: Any, command:
                     opt.zero_grad(set_to_none=True)
                     accelerator.backward(losses[part.name])
                     params = [p for g in optimizers[part.name].param_groups for p in g["params"]]
+                    if accelerator.num_processes > 1:
+                        _average_gradients(params, accelerator.num_processes)
                     clip = part.optim.grad_clip if part.optim.grad_clip > 0 else math.inf
                     norm = accelerator.clip_grad_norm_(params, clip)
                     norm = float(norm) if norm is not None else 0.0
