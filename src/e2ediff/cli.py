@@ -194,7 +194,8 @@ def cmd_train(args) -> None:
         cfg = _resolve_run(args, PRESETS)
         task = FinetuneTask(cfg, _device(cfg.train.device))
     train(task, cfg.train, args.run_dir, cfg, args.command)
-    print(f"{args.command}: model -> {args.run_dir / 'model.safetensors'}")
+    if int(os.environ.get("RANK", 0)) == 0:
+        print(f"{args.command}: model -> {args.run_dir / 'model.safetensors'}")
 
 
 def cmd_sample(args) -> None:
