@@ -1,0 +1,39 @@
+"""Several processes: each takes its slice of the global batch, and gradients are averaged over processes."""
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from e2ediff.trainer import BatchStream, _average_gradients
+
+
+def test_rank_slices_partition_the_global_batch():
+    full = BatchStream(50, 8, seed=3, rank=0, world=1)
+    for step in (0, 6, 13):
+        parts = [BatchStream(50, 8, seed=3, rank=r, world=2).indices(step) for r in range(2)]
+        assert torch.equal(torch.cat(parts), full.indices(step))
+
+
+def _worker(rank: int, world: int, init: str, out: str) -> None:
+    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
+    torch.manual_seed(0)
+    model = torch.nn.Linear(4, 3)                     # same initial weights on every process
+    x = torch.randn(8, 4)                             # the global batch; this process takes its half
+    mine = x[rank * 4:(rank + 1) * 4]
+    model(mine).pow(2).mean().backward()
+    params = list(model.parameters())
+    _average_gradients(params, world)
+    if rank == 0:
+        torch.save([p.grad for p in params], out)
+    dist.destroy_process_group()
+
+
+def test_averaged_gradients_equal_the_single_process_gradient(tmp_path):
+    out = str(tmp_path / "grads.pt")
+    mp.spawn(_worker, args=(2, f"file://{tmp_path / 'rendezvous'}", out), nprocs=2, join=True)
+    averaged = torch.load(out, weights_only=True)
+    torch.manual_seed(0)
+    model = torch.nn.Linear(4, 3)
+    x = torch.randn(8, 4)
+    model(x).pow(2).mean().backward()                 # mean over 8 = mean of the two halves' means
+    for got, want in zip(averaged, [p.grad for p in model.parameters()]):
+        torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-7)
