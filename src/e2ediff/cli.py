@@ -228,7 +228,7 @@ def cmd_sample(args) -> None:
     per_row = max(1, -(-len(uint8) // rows))
     cols = min(args.grid_columns, per_row)
     grid_idx = np.concatenate([np.arange(r * per_row, min((r + 1) * per_row, len(uint8)))[:cols] for r in range(rows)])
-    save_grid(uint8[grid_idx], rows, args.output / "grid.png", row_labels=None)
+    save_grid(uint8[grid_idx], rows, args.output / "grid.png")
     ts = spec.resolved_timesteps()
     print(f"{len(uint8)} samples ({spec.name}, timesteps {ts}, NFE {spec.nfe}) -> "
           f"{args.output / 'samples.npz'}, {args.output / 'grid.png'}")

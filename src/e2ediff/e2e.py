@@ -16,6 +16,7 @@ from torch import Tensor, nn
 
 from e2ediff.conditioning import TextCond
 from e2ediff.config import DataConfig, OptimConfig, TrainConfig, _check, to_dict
+from e2ediff.denoiser import Denoiser
 from e2ediff.trainer import BatchStream, Part, Task
 
 
@@ -230,7 +231,6 @@ class FinetuneTask(Task):
 
     def __init__(self, cfg: FinetuneRun, device: torch.device, data=None, init=None):
         from e2ediff.assets import TrainingData, load_pipeline
-        from e2ediff.denoiser import Denoiser
         from e2ediff.schedules import lcm_timesteps, pixart_lcm_timesteps
 
         self.cfg = cfg
@@ -254,7 +254,6 @@ class FinetuneTask(Task):
         if self.objective.disc is not None:
             self.parts.append(Part("disc", self.objective.disc, cfg.disc_optim, 0.0))
         self.stream = BatchStream(len(self.data), cfg.train.batch_size, cfg.train.seed)
-        self._denoiser = Denoiser
 
     def losses(self, step, generator):
         cfg = self.cfg
@@ -264,7 +263,7 @@ class FinetuneTask(Task):
         cut = k - cfg.truncate if cfg.truncate > 0 else 0
         if cfg.random_truncation:
             cut = int(torch.randint(0, k, (1,), generator=generator, device=generator.device))
-        student = self._denoiser(self.module("net"), self.schedule, self.prediction)
+        student = Denoiser(self.module("net"), self.schedule, self.prediction)
         z0, z0_hat = e2e_step(student, self.init.autoencoder, images, cond, timesteps=self.timesteps,
                               m=cfg.samples_per_caption, generator=generator, renoise=cfg.renoise, w=self.w,
                               checkpoint=cfg.checkpointing, grad_from_step=cut)

@@ -104,7 +104,7 @@ def generate(pipe, cond: TextCond, spec: SamplerSpec, seed: int = 0, batch_size:
     return torch.cat(out)
 
 
-def save_grid(images_uint8: np.ndarray, rows: int, path: Path, scale: int = 2, row_labels: list[str] | None = None) -> None:
+def save_grid(images_uint8: np.ndarray, rows: int, path: Path, scale: int = 2) -> None:
     """A PNG grid: ``rows`` rows of equal length (images in row-major order), black 2-px gutters."""
     from PIL import Image
 
