@@ -39,7 +39,7 @@ def main() -> None:
             continue
         r = json.loads(f.read_text())
         rows.append((name, r, last_step(args.folder, name.split(" ")[0])))
-    print(f"| row | params | sampler | NFE | FD ↓ | KID ↓ | alignment ↑ | diversity (rel.) ↑ | steps run | split |")
+    print("| row | params | sampler | NFE | FD ↓ | KID ↓ | alignment ↑ | diversity (rel.) ↑ | steps run | split |")
     print("|---|---|---|---|---|---|---|---|---|---|")
     for name, r, step in rows:
         print(f"| {name} | {r['params'] / 1e6:.2f}M | {r['sampler']} {r['timesteps'] if len(r['timesteps']) <= 4 else len(r['timesteps'])} "

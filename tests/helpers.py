@@ -13,6 +13,7 @@ Import the fixtures into a test module with ``from helpers import fake_env, pipe
 from __future__ import annotations
 
 import gzip
+import hashlib
 from pathlib import Path
 
 import numpy as np
@@ -187,4 +188,37 @@ def all_tensors(path: Path) -> dict[str, torch.Tensor]:
 
 
 __all__ = ["fake_env", "fake_env_paths", "pipeline_files", "restore_determinism", "resolve_run", "training_data",
-           "write_pipeline_files", "write_fake_fashion_mnist", "write_fake_prompt_cache", "all_tensors"]
+           "write_pipeline_files", "write_fake_fashion_mnist", "write_fake_prompt_cache", "all_tensors",
+           "snapshot", "run_error"]
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Command-line errors
+
+
+def snapshot(*roots: Path) -> dict[str, str]:
+    """sha256 of every file under ``roots`` (a missing root gives nothing): 'nothing was overwritten' checks."""
+    files = {}
+    for root in roots:
+        if root.is_file():
+            files[str(root)] = hashlib.sha256(root.read_bytes()).hexdigest()
+        elif root.is_dir():
+            for p in sorted(root.rglob("*")):
+                if p.is_file():
+                    files[str(p)] = hashlib.sha256(p.read_bytes()).hexdigest()
+    return files
+
+
+def run_error(capsys, *argv, untouched: tuple[Path, ...] = ()) -> str:
+    """Run a command that must fail on user input; return its one stderr line (without the 'error: ' prefix)."""
+    from e2ediff.cli import main
+
+    before = snapshot(*untouched)
+    code = main([str(a) for a in argv])
+    err = capsys.readouterr().err
+    assert code == 2, err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), err
+    assert "Traceback" not in err
+    assert snapshot(*untouched) == before
+    return lines[0][len("error: "):]

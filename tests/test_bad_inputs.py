@@ -7,7 +7,6 @@ docs/reliability.md lists these cases with the messages they print.
 from __future__ import annotations
 
 import gzip
-import hashlib
 import json
 import shutil
 import sys
@@ -21,36 +20,11 @@ from PIL import Image
 import e2ediff.data.fashion_mnist as fm
 from e2ediff.cli import main
 from e2ediff.models.text import EMBED_DIM, ENCODER_NAME, PromptCache
+from helpers import run_error, snapshot  # noqa: F401
 from helpers import (TINY_AE, TINY_DATA, TINY_DIT, TINY_TRAIN, fake_env, fake_env_paths,  # noqa: F401
                      pipeline_files, restore_determinism, write_fake_fashion_mnist)
 
 INSTALL = "bash scripts/get_fashion_mnist.sh"
-
-
-def snapshot(*roots: Path) -> dict[str, str]:
-    """sha256 of every file under ``roots`` (a missing root gives nothing): 'nothing was overwritten' checks."""
-    files = {}
-    for root in roots:
-        if root.is_file():
-            files[str(root)] = hashlib.sha256(root.read_bytes()).hexdigest()
-        elif root.is_dir():
-            for p in sorted(root.rglob("*")):
-                if p.is_file():
-                    files[str(p)] = hashlib.sha256(p.read_bytes()).hexdigest()
-    return files
-
-
-def run_error(capsys, *argv, untouched: tuple[Path, ...] = ()) -> str:
-    """Run a command that must fail on user input; return its one stderr line (without the 'error: ' prefix)."""
-    before = snapshot(*untouched)
-    code = main([str(a) for a in argv])
-    err = capsys.readouterr().err
-    assert code == 2, err
-    lines = err.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: "), err
-    assert "Traceback" not in err
-    assert snapshot(*untouched) == before
-    return lines[0][len("error: "):]
 
 
 def pretrain_args(run_dir: Path, autoencoder: Path, *extra: str) -> list:

@@ -11,6 +11,7 @@ from PIL import Image
 
 from e2ediff.cli import main
 from e2ediff.data.fashion_mnist import default_prompts
+from helpers import run_error  # noqa: F401
 from helpers import (TINY_AE, TINY_DATA, TINY_DIT, TINY_TRAIN, fake_env, fake_env_paths,  # noqa: F401
                      pipeline_files, restore_determinism)
 
@@ -20,17 +21,6 @@ def run_ok(capsys, *argv: str) -> str:
     out = capsys.readouterr()
     assert code == 0, out.err
     return out.out
-
-
-def run_error(capsys, *argv: str) -> str:
-    """Run a command that must fail on user input: exit status 2 and exactly one stderr line 'error: …'."""
-    code = main([str(a) for a in argv])
-    err = capsys.readouterr().err
-    assert code == 2, err
-    lines = err.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: "), err
-    assert "Traceback" not in err
-    return lines[0]
 
 
 def load_npz(folder):

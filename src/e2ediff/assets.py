@@ -167,6 +167,19 @@ def pipeline_tensors(net_weights: dict[str, torch.Tensor], autoencoder) -> dict[
     return {**with_prefix(net_weights, "net"), **with_prefix(autoencoder.state_dict(), "autoencoder")}
 
 
+def export_pipeline(kind: str, net_weights: dict[str, torch.Tensor], net_config, autoencoder, schedule: str,
+                    prediction: str, sampler: dict, captions: list[str], text_encoder: str | None = None,
+                    **extra) -> tuple[dict[str, torch.Tensor], dict]:
+    """(tensors, metadata) of a pipeline file: the net's sampling weights + the autoencoder, and what sampling needs."""
+    from e2ediff.config import to_dict
+    from e2ediff.models.text import ENCODER_NAME
+
+    meta = {"kind": kind, "net": to_dict(net_config), **autoencoder_meta(autoencoder), "schedule": schedule,
+            "prediction": prediction, "sampler": sampler, "text_encoder": text_encoder or ENCODER_NAME,
+            "captions": list(captions), **extra}
+    return pipeline_tensors(net_weights, autoencoder), meta
+
+
 def load_pipeline(path: str | Path, device: torch.device | str = "cpu") -> Pipeline:
     from e2ediff.denoiser import Denoiser
     from e2ediff.schedules import VPSchedule

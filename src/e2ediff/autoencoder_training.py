@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from e2ediff.config import DataConfig, OptimConfig, TrainConfig, to_dict
+from e2ediff.config import DataConfig, OptimConfig, TrainConfig
 from e2ediff.models.autoencoder import PRESETS as AE_PRESETS, AutoencoderConfig, AutoencoderKL, psnr
 from e2ediff.trainer import BatchStream, Part, Task
 

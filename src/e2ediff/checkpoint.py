@@ -76,6 +76,15 @@ def atomic_write_text(path: Path, text: str) -> None:
     atomic_write_bytes(path, text.encode())
 
 
+def atomic_write_npz(path: Path, compressed: bool = False, **arrays) -> None:
+    """np.savez(_compressed) of ``arrays`` into ``path`` atomically (no pickled objects)."""
+    import io
+
+    buf = io.BytesIO()
+    (np.savez_compressed if compressed else np.savez)(buf, **arrays)
+    atomic_write_bytes(Path(path), buf.getvalue())
+
+
 def sha256_file(path: Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:

@@ -201,7 +201,7 @@ def cmd_train(args) -> None:
 def cmd_sample(args) -> None:
     from e2ediff.assets import load_pipeline
     from e2ediff.data.fashion_mnist import default_prompts, from_model_images
-    from e2ediff.generate import SamplerSpec, balanced_labels, generate, save_grid, save_samples_npz, text_features
+    from e2ediff.generate import balanced_labels, generate, save_grid, save_samples_npz, text_features
 
     if args.num_samples < 1:
         raise ValueError(f"--num-samples must be >= 1, got {args.num_samples}")

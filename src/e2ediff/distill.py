@@ -74,7 +74,6 @@ class DistillTask(Task):
     def __init__(self, cfg: DistillRun, device: torch.device, data=None, teacher=None):
         from e2ediff.assets import TrainingData, build_net, load_pipeline
         from e2ediff.denoiser import Denoiser
-        from e2ediff.models.dit import DiTConfig
         from e2ediff.schedules import lcm_solver_timesteps
 
         self.cfg = cfg
@@ -151,15 +150,12 @@ class DistillTask(Task):
         load_state_strict(self.target.net, split_prefix(tensors, "target"), "checkpoint (LCM target network)")
 
     def export(self, weights):
-        from e2ediff.assets import autoencoder_meta, pipeline_tensors
+        from e2ediff.assets import export_pipeline
         from e2ediff.schedules import lcm_timesteps
 
-        meta = {"kind": "lcm", "net": to_dict(self.parts[0].module.config),
-                **autoencoder_meta(self.teacher.autoencoder),
-                "schedule": self.teacher.meta["schedule"], "prediction": self.prediction,
-                "sampler": {"name": "lcm", "steps": self.cfg.sample_steps,
-                            "timesteps": lcm_timesteps(self.cfg.sample_steps, self.cfg.solver_steps),
-                            "renoise": "vp", "w": self.cfg.sample_guidance if self.cfg.guidance_embed else None},
-                "text_encoder": self.teacher.meta.get("text_encoder"), "captions": list(self.data.captions),
-                "teacher": str(self.cfg.teacher)}
-        return pipeline_tensors(weights["net"], self.teacher.autoencoder), meta
+        sampler = {"name": "lcm", "steps": self.cfg.sample_steps,
+                   "timesteps": lcm_timesteps(self.cfg.sample_steps, self.cfg.solver_steps),
+                   "renoise": "vp", "w": self.cfg.sample_guidance if self.cfg.guidance_embed else None}
+        return export_pipeline("lcm", weights["net"], self.parts[0].module.config, self.teacher.autoencoder,
+                               self.teacher.meta["schedule"], self.prediction, sampler, self.data.captions,
+                               self.teacher.meta.get("text_encoder"), teacher=str(self.cfg.teacher))

@@ -15,7 +15,7 @@ import torch
 from torch import Tensor, nn
 
 from e2ediff.conditioning import TextCond
-from e2ediff.config import DataConfig, OptimConfig, TrainConfig, _check, to_dict
+from e2ediff.config import DataConfig, OptimConfig, TrainConfig, _check
 from e2ediff.denoiser import Denoiser
 from e2ediff.trainer import BatchStream, Part, Task
 
@@ -279,13 +279,10 @@ class FinetuneTask(Task):
         return losses, logs
 
     def export(self, weights):
-        from e2ediff.assets import autoencoder_meta, pipeline_tensors
+        from e2ediff.assets import export_pipeline
 
-        meta = {"kind": "e2e", "net": to_dict(self.parts[0].module.config),
-                **autoencoder_meta(self.init.autoencoder),
-                "schedule": self.init.meta["schedule"], "prediction": self.prediction,
-                "sampler": {"name": "lcm", "steps": len(self.timesteps), "timesteps": self.timesteps,
-                            "renoise": self.cfg.renoise, "w": self.w},
-                "text_encoder": self.init.meta.get("text_encoder"), "captions": list(self.data.captions),
-                "init": str(self.cfg.init)}
-        return pipeline_tensors(weights["net"], self.init.autoencoder), meta
+        sampler = {"name": "lcm", "steps": len(self.timesteps), "timesteps": self.timesteps,
+                   "renoise": self.cfg.renoise, "w": self.w}
+        return export_pipeline("e2e", weights["net"], self.parts[0].module.config, self.init.autoencoder,
+                               self.init.meta["schedule"], self.prediction, sampler, self.data.captions,
+                               self.init.meta.get("text_encoder"), init=str(self.cfg.init))

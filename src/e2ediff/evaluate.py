@@ -17,15 +17,14 @@ import torch
 from e2ediff.checkpoint import sha256_file
 
 
-def reference_features(classifier_dir: str | Path, split: str = "test", data_dir: str | None = None,
-                       device: torch.device | str = "cpu", val_size: int = 5000):
-    """Classifier features [M, D] (float64) and labels [M] of a real split, cached by classifier checksum."""
+def reference_features(classifier, key: str, split: str = "test", data_dir: str | None = None,
+                       val_size: int = 5000):
+    """Classifier features [M, D] (float64) and labels [M] of a real split, cached under the classifier's
+    checksum ``key``."""
+    from e2ediff.checkpoint import atomic_write_npz
     from e2ediff.data.fashion_mnist import cache_dir, load_fashion_mnist, to_model_images, train_val_split
-    from e2ediff.metrics.classifier import load_classifier
     from e2ediff.metrics.features import ClassifierFeatures
 
-    classifier_dir = Path(classifier_dir)
-    key = sha256_file(classifier_dir / "model.safetensors")[:16]
     path = cache_dir() / f"reference-{key}-{split}{'' if split == 'test' else f'-{val_size}'}.npz"
     if path.exists():
         with np.load(path) as f:
@@ -38,17 +37,10 @@ def reference_features(classifier_dir: str | Path, split: str = "test", data_dir
         images, labels = images[val_idx.numpy()], labels[val_idx.numpy()]
     else:
         raise ValueError(f"--split must be test or val, got {split!r}")
-    extractor = ClassifierFeatures(load_classifier(classifier_dir, device))
     with torch.no_grad():
-        feats = extractor(to_model_images(torch.as_tensor(images))).double().cpu().numpy()
+        feats = ClassifierFeatures(classifier)(to_model_images(torch.as_tensor(images))).double().cpu().numpy()
     path.parent.mkdir(parents=True, exist_ok=True)
-    import io
-
-    from e2ediff.checkpoint import atomic_write_bytes
-
-    buf = io.BytesIO()
-    np.savez(buf, features=feats, labels=np.asarray(labels))
-    atomic_write_bytes(path, buf.getvalue())
+    atomic_write_npz(path, features=feats, labels=np.asarray(labels))
     return feats, np.asarray(labels)
 
 
@@ -60,12 +52,13 @@ def score_images(images_uint8: np.ndarray, labels: np.ndarray | None, classifier
     from e2ediff.metrics.frechet import feature_stats
     from e2ediff.metrics.report import evaluate_samples
 
-    real, real_labels = reference_features(classifier_dir, split, data_dir, device)
+    classifier_dir = Path(classifier_dir)
+    key = sha256_file(classifier_dir / "model.safetensors")[:16]
     classifier = load_classifier(classifier_dir, device)
+    real, real_labels = reference_features(classifier, key, split, data_dir)
     result = evaluate_samples(images_uint8, labels, classifier=classifier, reference=feature_stats(real),
                               real_features_for_kid=real, real_labels=real_labels, seed=seed)
-    result.update({"split": split, "feature_extractor": f"FashionClassifier {Path(classifier_dir).name} "
-                   f"({sha256_file(Path(classifier_dir) / 'model.safetensors')[:12]})"})
+    result.update({"split": split, "feature_extractor": f"FashionClassifier {classifier_dir.name} ({key[:12]})"})
     return result
 
 

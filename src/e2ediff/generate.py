@@ -124,11 +124,8 @@ def save_grid(images_uint8: np.ndarray, rows: int, path: Path, scale: int = 2) -
 
 def save_samples_npz(path: Path, images_uint8: np.ndarray, labels: np.ndarray | None, prompts: list[str]) -> None:
     """The interchange format: images uint8 [N, 28, 28], labels int64 [N] (-1 when unknown), prompts str [N]."""
-    import io
-
-    from e2ediff.checkpoint import atomic_write_bytes
+    from e2ediff.checkpoint import atomic_write_npz
 
     labels = np.full(len(images_uint8), -1, dtype=np.int64) if labels is None else np.asarray(labels, dtype=np.int64)
-    buf = io.BytesIO()
-    np.savez_compressed(buf, images=images_uint8.astype(np.uint8), labels=labels, prompts=np.array(prompts, dtype=str))
-    atomic_write_bytes(Path(path), buf.getvalue())
+    atomic_write_npz(Path(path), compressed=True, images=images_uint8.astype(np.uint8), labels=labels,
+                     prompts=np.array(prompts, dtype=str))

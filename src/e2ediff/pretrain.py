@@ -12,7 +12,7 @@ from typing import Literal
 
 import torch
 
-from e2ediff.config import DataConfig, OptimConfig, TrainConfig, _check, to_dict
+from e2ediff.config import DataConfig, OptimConfig, TrainConfig, _check
 from e2ediff.models.dit import PRESETS as DIT_PRESETS, DiT, DiTConfig
 from e2ediff.trainer import BatchStream, Part, Task
 
@@ -80,16 +80,8 @@ class PretrainTask(Task):
         return {"net": loss.mean()}, {}
 
     def export(self, weights):
-        from e2ediff.assets import autoencoder_meta, pipeline_tensors
+        from e2ediff.assets import export_pipeline
 
-        meta = {"kind": "teacher", "net": to_dict(self.cfg.model), **autoencoder_meta(self.autoencoder),
-                "schedule": self.cfg.schedule, "prediction": self.cfg.prediction,
-                "sampler": {"name": "ddim", "steps": self.cfg.sample_steps, "guidance": self.cfg.guidance},
-                "text_encoder": _encoder_name(), "captions": list(self.data.captions)}
-        return pipeline_tensors(weights["net"], self.autoencoder), meta
-
-
-def _encoder_name() -> str:
-    from e2ediff.models.text import ENCODER_NAME
-
-    return ENCODER_NAME
+        return export_pipeline("teacher", weights["net"], self.cfg.model, self.autoencoder, self.cfg.schedule,
+                               self.cfg.prediction, {"name": "ddim", "steps": self.cfg.sample_steps,
+                                                     "guidance": self.cfg.guidance}, self.data.captions)

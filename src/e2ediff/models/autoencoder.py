@@ -202,26 +202,23 @@ class AutoencoderKL(nn.Module):
                 nn.init.kaiming_uniform_(module.weight, a=math.sqrt(5), generator=generator)
                 nn.init.zeros_(module.bias)
 
-    def _check_images(self, x: Tensor) -> None:
-        cfg = self.config
-        expected = (cfg.in_channels, cfg.image_size, cfg.image_size)
+    @staticmethod
+    def _check_shape(x: Tensor, expected: tuple[int, int, int], what: str) -> None:
         if x.ndim != 4 or tuple(x.shape[1:]) != expected:
-            raise ValueError(f"autoencoder images have shape {tuple(x.shape)}, expected [B, "
+            raise ValueError(f"autoencoder {what} have shape {tuple(x.shape)}, expected [B, "
                              f"{', '.join(map(str, expected))}]")
 
     def encode(self, x: Tensor) -> DiagonalGaussian:
         """Images [B, in, S, S] in [-1, 1] -> posterior over unscaled latents [B, latent, S/f, S/f]."""
-        self._check_images(x)
+        cfg = self.config
+        self._check_shape(x, (cfg.in_channels, cfg.image_size, cfg.image_size), "images")
         mean, logvar = self.encoder(x).chunk(2, dim=1)
         return DiagonalGaussian(mean, logvar)
 
     def decode(self, z: Tensor) -> Tensor:
         """Unscaled latents [B, latent, S/f, S/f] -> images [B, in, S, S]."""
         cfg = self.config
-        expected = (cfg.latent_channels, cfg.latent_size, cfg.latent_size)
-        if z.ndim != 4 or tuple(z.shape[1:]) != expected:
-            raise ValueError(f"autoencoder latents have shape {tuple(z.shape)}, expected [B, "
-                             f"{', '.join(map(str, expected))}]")
+        self._check_shape(z, (cfg.latent_channels, cfg.latent_size, cfg.latent_size), "latents")
         return self.decoder(z)
 
     def encode_latents(self, x: Tensor, generator: torch.Generator | None = None, sample: bool = False) -> Tensor:
