@@ -71,6 +71,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data-dir", type=Path, help="Fashion-MNIST IDX files (.gz or raw)")
     _sampler_args(p)
 
+    p = sub.add_parser("convert", help="rewrite a model file with its floating-point weights in another dtype",
+                       description="Rewrite a model file (pipeline, autoencoder) with every floating-point tensor cast "
+                                   "to --dtype; metadata is kept and the checksum recomputed. Shipped files are "
+                                   "float16; models load them into float32 modules.")
+    p.add_argument("input", type=Path, help="model file (model.safetensors or its run folder)")
+    p.add_argument("output", type=Path, help="file to write (atomically); may not be the input")
+    p.add_argument("--dtype", choices=["float16", "bfloat16", "float32"], default="float16")
+
     p = sub.add_parser("demo", help="the Fashion-MNIST miniature on a CPU: fine-tune, evaluate, write a report")
     p.add_argument("--output", type=Path, default=Path("runs/demo"), help="report folder")
     p.add_argument("--from-scratch", action="store_true", help="train every tiny model here first (~1 h on 2 cores)")
@@ -327,6 +335,18 @@ def cmd_train_lpips(args) -> None:
     print(f"LPIPS feature network (SimCLR, VGG-like; not the evaluation classifier) -> {args.output}")
 
 
+def cmd_convert(args) -> None:
+    from e2ediff.checkpoint import load_model_file, save_model_file
+
+    source = args.input / "model.safetensors" if args.input.is_dir() else args.input
+    if source.resolve() == args.output.resolve():
+        raise ValueError(f"convert: output {args.output} is the input file; write to another path")
+    tensors, meta = load_model_file(source)
+    save_model_file(args.output, tensors, meta, dtype=getattr(torch, args.dtype))
+    print(f"{source} ({source.stat().st_size / 1e6:.2f} MB) -> {args.output} "
+          f"({args.output.stat().st_size / 1e6:.2f} MB, {args.dtype})")
+
+
 def cmd_demo(args) -> None:
     from e2ediff.demo import run_demo
 
@@ -342,7 +362,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command in ("evaluate", "train-classifier", "train-lpips", "demo") and args.data_dir is not None:
         os.environ["E2EDIFF_DATA_DIR"] = str(args.data_dir)
     handlers = {"encode-prompts": cmd_encode_prompts, "sample": cmd_sample, "evaluate": cmd_evaluate,
-                "train-classifier": cmd_train_classifier, "demo": cmd_demo, "train-lpips": cmd_train_lpips}
+                "train-classifier": cmd_train_classifier, "demo": cmd_demo, "convert": cmd_convert, "train-lpips": cmd_train_lpips}
     try:
         handlers.get(args.command, cmd_train)(args)
     except KeyboardInterrupt:

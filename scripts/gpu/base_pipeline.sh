@@ -1,0 +1,100 @@
+#!/usr/bin/env bash
+# The `base` pipeline behind docs/results.md's tables, on one GPU, in two resumable chunks of < 10 minutes each.
+#
+#   STAGE=models bash scripts/gpu/base_pipeline.sh   # autoencoder, then teacher (time-limited; rerun to continue)
+#   STAGE=e2e    bash scripts/gpu/base_pipeline.sh   # LCM student, evaluation rows, every E2E row side by side
+#
+# Every training command resumes from its run folder ($R, default runs/gpu-base), so a chunk cut by its time limit is
+# continued by running it again. Small models leave an H100 mostly idle, so the E2E rows run as concurrent processes
+# on the one GPU; each row has a fixed step budget (ROW_STEPS) and a time limit, and the results table reads the step
+# each exported model reached from its file. The `e2e` chunk takes the teacher from $R or, on a fresh
+# machine, from $M (base_teacher.safetensors, which holds the autoencoder too). Inputs: .gpu/fashion-mnist (the IDX .gz
+# files) and .gpu/cache (the MiniLM prompt cache: `E2EDIFF_CACHE=$PWD/.gpu/cache e2ediff encode-prompts`). With $OUT
+# set (the device tool), model files and a log archive are copied there.
+set -uo pipefail
+cd "$(dirname "$0")/../.."
+export E2EDIFF_DATA_DIR=${E2EDIFF_DATA_DIR:-$PWD/.gpu/fashion-mnist} E2EDIFF_CACHE=${E2EDIFF_CACHE:-$PWD/.gpu/cache}
+export PYTHONPATH=$PWD/src${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1 OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
+R=${R:-runs/gpu-base}; M=${M:-.gpu/models}; N=${EVAL_N:-10000}
+CLS=${CLS:-checkpoints/classifier}; LP=${LP:-checkpoints/tiny/lpips_fashion.safetensors}
+E="python3 -m e2ediff"
+mkdir -p "$R"
+stage() { local name=$1; shift; local t0=$SECONDS; echo "=== $name"; "$@"; local rc=$?; echo "=== $name done rc=$rc in $((SECONDS - t0)) s"; }
+pick() { if [ -f "$R/$1/model.safetensors" ]; then echo "$R/$1/model.safetensors"; else echo "$M/base_$1.safetensors"; fi; }
+nvidia-smi --query-gpu=name,memory.total --format=csv,noheader 2>/dev/null || true
+python3 -c "import torch; print('torch', torch.__version__, torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'cpu')"
+
+evaluate() {  # evaluate NAME MODEL K SPLIT [extra evaluate flags]: one JSON row in $R/eval_NAME_kK_SPLIT.json
+  local name=$1 model=$2 k=$3 split=$4; shift 4
+  $E evaluate --checkpoint "$model" --classifier "$CLS" --steps "$k" --num-samples "$N" --split "$split" "$@" \
+    --output "$R/eval_${name}_k${k}_${split}.json" 2>&1 | grep -v "^Loading" | sed "s/^/$name k=$k $split: /"
+}
+
+case "${STAGE:-models}" in
+models)
+  stage autoencoder timeout "${AE_SECONDS:-210}" $E train-autoencoder --preset base --run-dir "$R/autoencoder" \
+    train.steps=${AE_STEPS:-20000} train.checkpoint_every=250 train.progress=false
+  stage teacher timeout "${TEACHER_SECONDS:-300}" $E pretrain --preset base --run-dir "$R/teacher" \
+    autoencoder="$R/autoencoder/model.safetensors" train.steps=${TEACHER_STEPS:-40000} train.checkpoint_every=250 \
+    train.progress=false
+  if [ -n "${OUT:-}" ]; then
+    cp "$R/autoencoder/model.safetensors" "$OUT/base_autoencoder.safetensors"
+    $E convert "$R/teacher/model.safetensors" "$OUT/base_teacher.safetensors"
+    tar czf "$OUT/base_models_logs.tgz" "$R"/*/metrics.jsonl "$R"/*/config.yaml 2>/dev/null
+  fi
+  ;;
+e2e)
+  TEACHER=$(pick teacher)
+  ls -la "$TEACHER" || exit 1
+  for k in 32 4; do evaluate teacher "$TEACHER" $k test > "$R/eval_teacher_$k.log" & done
+  stage lcm timeout "${LCM_SECONDS:-150}" $E distill --preset base --run-dir "$R/lcm" teacher="$TEACHER" \
+    train.steps=${LCM_STEPS:-20000} train.checkpoint_every=250 train.progress=false
+  LCM=$R/lcm/model.safetensors
+  { for k in 1 2 4; do for s in val test; do evaluate lcm "$LCM" $k $s; done; done
+    for seed in 1 2; do evaluate lcm_seed$seed "$LCM" 4 test --seed $seed; done; } > "$R/eval_lcm.log" &
+  # Table 1 and Table 2 rows: NAME K overrides. Chains per step are equal across rows: 32 captions × m=4 samples, or
+  # 128 captions × 1 sample for the paper's single-sample losses.
+  ES="samples_per_caption=4 train.batch_size=${ES_BATCH:-32}"
+  ONE="samples_per_caption=1 train.batch_size=$(( ${ES_BATCH:-32} * 4 )) loss.energy=0"
+  ROWS=(
+    "energy4 4 $ES"
+    "energy4_seed1 4 $ES train.seed=1"
+    "energy4_seed2 4 $ES train.seed=2"
+    "energy2 2 $ES"
+    "energy1 1 $ES"
+    "l1_4 4 $ONE loss.l1=1"
+    "l2_4 4 $ONE loss.l2=1"
+    "lpips4 4 $ONE loss.lpips=1 loss.lpips_weights=$LP"
+    "l2lpips4 4 $ONE loss.l2=1 loss.lpips=1 loss.lpips_weights=$LP"
+    "l2lpipsgan4 4 $ONE loss.l2=1 loss.lpips=1 loss.lpips_weights=$LP loss.gan=0.1"
+    "l2lpipsot4 4 $ES loss.energy=0 loss.l2=1 loss.lpips=1 loss.lpips_weights=$LP loss.coupling=minibatch_ot"
+    "energypix4 4 $ES loss.space=pixel"
+    "energylpips4 4 $ES loss.lpips=1 loss.lpips_weights=$LP"
+    "energylpips10_4 4 $ES loss.lpips=10 loss.lpips_weights=$LP"
+    "energygan4 4 $ES loss.gan=0.1"
+  )
+  for row in "${ROWS[@]}"; do
+    set -- $row; name=$1; k=$2; shift 2
+    [ -n "${ONLY:-}" ] && [[ ! " $ONLY " == *" $name "* ]] && continue
+    stage "$name" timeout "${ROW_SECONDS:-240}" $E finetune --preset base --run-dir "$R/$name" init="$LCM" \
+      sampler_steps=$k optim.lr=${LR:-2e-5} train.steps=${ROW_STEPS:-300} train.checkpoint_every=50 \
+      train.log_every=10 train.progress=false "$@" > "$R/$name.log" 2>&1 &
+  done
+  wait
+  for row in "${ROWS[@]}"; do
+    set -- $row; name=$1; k=$2
+    [ -f "$R/$name/model.safetensors" ] || continue
+    { for s in val test; do evaluate "$name" "$R/$name/model.safetensors" "$k" $s; done; } > "$R/eval_$name.log" &
+  done
+  wait
+  cat "$R"/eval_*.log; grep -h "=== .* done" "$R"/*.log
+  if [ -n "${OUT:-}" ]; then
+    $E convert "$LCM" "$OUT/base_lcm.safetensors"
+    for n in ${SHIP:-energy4 energy2 energy1 l2_4 energypix4}; do
+      [ -f "$R/$n/model.safetensors" ] && $E convert "$R/$n/model.safetensors" "$OUT/base_e2e_$n.safetensors"
+    done
+    tar czf "$OUT/base_e2e_logs.tgz" "$R"/*.json "$R"/*.log "$R"/*/metrics.jsonl "$R"/*/config.yaml 2>/dev/null
+  fi
+  ;;
+*) echo "STAGE must be models or e2e, not '${STAGE}'" >&2; exit 2 ;;
+esac
