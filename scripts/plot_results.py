@@ -1,9 +1,16 @@
 """Figures for docs/results.md from the evaluation JSON files and training logs of a results folder.
 
     python scripts/plot_results.py docs/results/tiny-2026-11-25 --output docs/figures
+    python scripts/plot_results.py docs/results/base-2026-11-26 --output docs/figures --tag base \
+        --family "teacher (DDIM)=teacher_ddim" --family "LCM student=lcm" \
+        --family "E2E, best on val per K=e1_pixlpips10_lr3e-6,e2_lpips10_lr1e-6,e4_lpips10_lr1e-6" \
+        --family "E2E, latent ES, lr 2e-5=energy1,energy2,energy4" \
+        --curves energy4,l2_4,l1_4,lpips4,l2lpipsgan4,e4_lpips10_lr1e-6,paper_l2lpips4_lr1e-6
 
 Writes fd_vs_nfe.png (FD and diversity against the number of function evaluations, one line per model family) and
 training_curves.png (E2E training loss and output spread per run; the spread falls toward 0 when samples collapse).
+--family LABEL=run1,run2 (repeatable) draws one line from several runs (e.g. the best run per K); --curves limits the
+training curves to the named runs; --tag prefixes the file names.
 """
 from __future__ import annotations
 
@@ -32,9 +39,26 @@ def main() -> None:
     p.add_argument("folder", type=Path)
     p.add_argument("--output", type=Path, default=Path("docs/figures"))
     p.add_argument("--split", default="test")
+    p.add_argument("--family", action="append", default=[], metavar="LABEL=run1,run2",
+                   help="one line from these runs (default: one line per run name)")
+    p.add_argument("--curves", help="comma-separated run names for the training curves (default: all E2E runs)")
+    p.add_argument("--tag", default="", help="file-name prefix, e.g. base -> base_fd_vs_nfe.png")
     args = p.parse_args()
     args.output.mkdir(parents=True, exist_ok=True)
     rows = load_rows(args.folder, args.split)
+    if args.family:
+        families = {}
+        for spec in args.family:
+            label, sep, names = spec.partition("=")
+            if not sep or not names:
+                raise SystemExit(f"--family {spec!r}: expected LABEL=run1,run2")
+            missing = [n for n in names.split(",") if n not in rows]
+            if missing:
+                raise SystemExit(f"--family {label!r}: no {args.split}-split evaluation for {missing} in {args.folder}")
+            families[label] = [r for n in names.split(",") for r in rows[n]]
+        rows = families
+    prefix = f"{args.tag}_" if args.tag else ""
+    curves = set(args.curves.split(",")) if args.curves else None
 
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
     for name, rs in sorted(rows.items()):
@@ -46,10 +70,11 @@ def main() -> None:
         ax.set_xscale("log", base=2)
         ax.set_xlabel("NFE")
         ax.set_ylabel(label)
+    axes[0].set_yscale("log")
     axes[1].legend(fontsize=7, ncol=2)
     fig.suptitle(f"{args.folder.name}: {args.split} split, 10,000 samples per point", fontsize=9)
     fig.tight_layout()
-    fig.savefig(args.output / "fd_vs_nfe.png", dpi=110)
+    fig.savefig(args.output / f"{prefix}fd_vs_nfe.png", dpi=110)
     plt.close(fig)
 
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
@@ -58,6 +83,8 @@ def main() -> None:
         if not lines or "output_std" not in lines[0]:
             continue
         name = f.stem.removeprefix("metrics_")
+        if curves is not None and name not in curves:
+            continue
         steps = [x["step"] for x in lines]
         axes[0].plot(steps, [x["loss/net"] for x in lines], label=name)
         axes[1].plot(steps, [x["output_std"] for x in lines], label=name)
@@ -68,9 +95,9 @@ def main() -> None:
         ax.set_xlabel("E2E step")
     axes[1].legend(fontsize=7, ncol=2)
     fig.tight_layout()
-    fig.savefig(args.output / "training_curves.png", dpi=110)
+    fig.savefig(args.output / f"{prefix}training_curves.png", dpi=110)
     plt.close(fig)
-    print(f"wrote {args.output / 'fd_vs_nfe.png'} and {args.output / 'training_curves.png'}")
+    print(f"wrote {args.output / f'{prefix}fd_vs_nfe.png'} and {args.output / f'{prefix}training_curves.png'}")
 
 
 if __name__ == "__main__":

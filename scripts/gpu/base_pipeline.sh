@@ -3,6 +3,7 @@
 #
 #   STAGE=models bash scripts/gpu/base_pipeline.sh   # autoencoder, then teacher (time-limited; rerun to continue)
 #   STAGE=e2e    bash scripts/gpu/base_pipeline.sh   # LCM student, evaluation rows, every E2E row side by side
+#   STAGE=sweep  bash scripts/gpu/base_pipeline.sh   # second pass: lr / loss space / LPIPS term per K, on val
 #
 # Every training command resumes from its run folder ($R, default runs/gpu-base), so a chunk cut by its time limit is
 # continued by running it again. Small models leave an H100 mostly idle, so the E2E rows run as concurrent processes
@@ -90,11 +91,55 @@ e2e)
   cat "$R"/eval_*.log; grep -h "=== .* done" "$R"/*.log
   if [ -n "${OUT:-}" ]; then
     $E convert "$LCM" "$OUT/base_lcm.safetensors"
-    for n in ${SHIP:-energy4 energy2 energy1 l2_4 energypix4}; do
+    for n in ${SHIP:-energy4 energy2}; do   # files back: 64 MiB in all
       [ -f "$R/$n/model.safetensors" ] && $E convert "$R/$n/model.safetensors" "$OUT/base_e2e_$n.safetensors"
     done
     tar czf "$OUT/base_e2e_logs.tgz" "$R"/*.json "$R"/*.log "$R"/*/metrics.jsonl "$R"/*/config.yaml 2>/dev/null
   fi
   ;;
-*) echo "STAGE must be models or e2e, not '${STAGE}'" >&2; exit 2 ;;
+sweep)
+  # The second pass, chosen on the validation split: learning rate, loss space and an LPIPS term per K (400 steps; the
+  # first sweep's six rows, e{4,2}_lr*, ran 300). Rows run WAVE at a time; LCM from $R/lcm or $M/base_lcm.safetensors.
+  LCM=$(pick lcm); ls -la "$LCM" || exit 1
+  ES="samples_per_caption=4 train.batch_size=32"; LPS="loss.lpips_weights=$LP"
+  ROWS=(
+    "e4_lr1e-6 4 300 optim.lr=1e-6" "e4_lr3e-6 4 300 optim.lr=3e-6" "e4_lr1e-5 4 300 optim.lr=1e-5"
+    "e2_lr1e-6 2 300 optim.lr=1e-6" "e2_lr3e-6 2 300 optim.lr=3e-6" "e2_lr1e-5 2 300 optim.lr=1e-5"
+    "e1_lat_lr1e-6 1 400 optim.lr=1e-6"
+    "e1_pix_lr1e-6 1 400 loss.space=pixel optim.lr=1e-6" "e1_pix_lr3e-6 1 400 loss.space=pixel optim.lr=3e-6"
+    "e1_pix_lr1e-5 1 400 loss.space=pixel optim.lr=1e-5"
+    "e1_lpips10_lr1e-6 1 400 optim.lr=1e-6 loss.lpips=10 $LPS"
+    "e1_pixlpips10_lr1e-6 1 400 loss.space=pixel loss.lpips=10 $LPS optim.lr=1e-6"
+    "e1_pixlpips10_lr1e-6_seed1 1 400 loss.space=pixel loss.lpips=10 $LPS optim.lr=1e-6 train.seed=1"
+    "e1_pixlpips10_lr1e-6_seed2 1 400 loss.space=pixel loss.lpips=10 $LPS optim.lr=1e-6 train.seed=2"
+    "e1_pixlpips10_lr3e-6 1 400 loss.space=pixel loss.lpips=10 $LPS optim.lr=3e-6"
+    "e1_pixlpips10_lr1e-6_800 1 800 loss.space=pixel loss.lpips=10 $LPS optim.lr=1e-6"
+    "e2_pix_lr1e-6 2 400 loss.space=pixel optim.lr=1e-6"
+    "e2_lpips10_lr1e-6 2 400 optim.lr=1e-6 loss.lpips=10 $LPS"
+    "e2_pixlpips10_lr1e-6 2 400 loss.space=pixel loss.lpips=10 $LPS optim.lr=1e-6"
+    "e4_pix_lr1e-6 4 400 loss.space=pixel optim.lr=1e-6"
+    "e4_lpips10_lr1e-6 4 400 optim.lr=1e-6 loss.lpips=10 $LPS"
+    "e4_lpips10_lr1e-6_seed1 4 400 optim.lr=1e-6 loss.lpips=10 $LPS train.seed=1"
+    "e4_lpips10_lr1e-6_seed2 4 400 optim.lr=1e-6 loss.lpips=10 $LPS train.seed=2"
+    "e4_pixlpips10_lr1e-6 4 400 loss.space=pixel loss.lpips=10 $LPS optim.lr=1e-6"
+    "paper_l2lpips4_lr1e-6 4 400 samples_per_caption=1 train.batch_size=128 loss.energy=0 loss.l2=1 loss.lpips=1 $LPS optim.lr=1e-6"
+  )
+  for row in "${ROWS[@]}"; do
+    set -- $row; name=$1; k=$2; steps=${ROW_STEPS:-$3}; shift 3
+    [ -n "${ONLY:-}" ] && [[ ! " $ONLY " == *" $name "* ]] && continue
+    while [ "$(jobs -rp | wc -l)" -ge "${WAVE:-8}" ]; do sleep 2; done
+    { timeout "${ROW_SECONDS:-240}" $E finetune --preset base --run-dir "$R/$name" init="$LCM" sampler_steps=$k \
+        train.steps=$steps train.checkpoint_every=50 train.log_every=10 train.progress=false $ES "$@" > "$R/$name.log" 2>&1
+      for s in val test; do evaluate "$name" "$R/$name/model.safetensors" "$k" $s; done; } > "$R/eval_$name.log" 2>&1 &
+  done
+  wait
+  cat "$R"/eval_e[124]_*.log "$R"/eval_paper_*.log 2>/dev/null
+  if [ -n "${OUT:-}" ]; then
+    for n in ${SHIP:-e4_lpips10_lr1e-6 e2_lpips10_lr1e-6 e1_pixlpips10_lr1e-6}; do
+      [ -f "$R/$n/model.safetensors" ] && $E convert "$R/$n/model.safetensors" "$OUT/base_$n.safetensors"
+    done
+    tar czf "$OUT/base_sweep_logs.tgz" "$R"/eval_*.json "$R"/e[124]_*/metrics.jsonl "$R"/paper_*/metrics.jsonl 2>/dev/null
+  fi
+  ;;
+*) echo "STAGE must be models, e2e or sweep, not '${STAGE}'" >&2; exit 2 ;;
 esac
