@@ -47,6 +47,13 @@ def test_shipped_pipeline_files(preset):
     assert read_model_meta(folder / "e2e.safetensors")["sampler"] == read_model_meta(folder / "lcm.safetensors")["sampler"]
 
 
+def test_shipped_base_one_step_model():
+    path = ROOT / "base" / "e2e_1step.safetensors"
+    assert path.stat().st_size <= MAX_BYTES
+    meta = read_model_meta(path)
+    assert meta["kind"] == "e2e" and meta["sampler"]["timesteps"] == [999]   # samples in one step by default
+
+
 def test_shipped_base_models_load_into_float32_modules():
     pipe = load_pipeline(ROOT / "base" / "lcm.safetensors")
     assert pipe.denoiser.net.config.guidance_embed              # an LCM student

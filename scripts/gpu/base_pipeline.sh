@@ -100,7 +100,7 @@ e2e)
 sweep)
   # The second pass, chosen on the validation split: learning rate, loss space and an LPIPS term per K (400 steps; the
   # first sweep's six rows, e{4,2}_lr*, ran 300). Rows run WAVE at a time; LCM from $R/lcm or $M/base_lcm.safetensors.
-  LCM=$(pick lcm); ls -la "$LCM" || exit 1
+  LCM=${LCM:-$(pick lcm)}; ls -la "$LCM" || exit 1
   ES="samples_per_caption=4 train.batch_size=32"; LPS="loss.lpips_weights=$LP"
   ROWS=(
     "e4_lr1e-6 4 300 optim.lr=1e-6" "e4_lr3e-6 4 300 optim.lr=3e-6" "e4_lr1e-5 4 300 optim.lr=1e-5"
@@ -123,6 +123,12 @@ sweep)
     "e4_lpips10_lr1e-6_seed2 4 400 optim.lr=1e-6 loss.lpips=10 $LPS train.seed=2"
     "e4_pixlpips10_lr1e-6 4 400 loss.space=pixel loss.lpips=10 $LPS optim.lr=1e-6"
     "paper_l2lpips4_lr1e-6 4 400 samples_per_caption=1 train.batch_size=128 loss.energy=0 loss.l2=1 loss.lpips=1 $LPS optim.lr=1e-6"
+    # third pass (ONLY="long_e4 long_e2 long_e1 e1_pixlpips10_lr3e-6_seed1 e1_pixlpips10_lr3e-6_seed2" ROW_SECONDS=420):
+    # longer runs of the best settings, and seeds for the one-step row
+    "long_e4 4 1200 optim.lr=1e-6 loss.lpips=10 $LPS" "long_e2 2 1200 optim.lr=1e-6 loss.lpips=10 $LPS"
+    "long_e1 1 1500 loss.space=pixel loss.lpips=10 $LPS optim.lr=3e-6"
+    "e1_pixlpips10_lr3e-6_seed1 1 400 loss.space=pixel loss.lpips=10 $LPS optim.lr=3e-6 train.seed=1"
+    "e1_pixlpips10_lr3e-6_seed2 1 400 loss.space=pixel loss.lpips=10 $LPS optim.lr=3e-6 train.seed=2"
   )
   for row in "${ROWS[@]}"; do
     set -- $row; name=$1; k=$2; steps=${ROW_STEPS:-$3}; shift 3
@@ -133,12 +139,13 @@ sweep)
       for s in val test; do evaluate "$name" "$R/$name/model.safetensors" "$k" $s; done; } > "$R/eval_$name.log" 2>&1 &
   done
   wait
-  cat "$R"/eval_e[124]_*.log "$R"/eval_paper_*.log 2>/dev/null
+  cat "$R"/eval_e[124]_*.log "$R"/eval_paper_*.log "$R"/eval_long_*.log 2>/dev/null
   if [ -n "${OUT:-}" ]; then
     for n in ${SHIP:-e4_lpips10_lr1e-6 e2_lpips10_lr1e-6 e1_pixlpips10_lr1e-6}; do
       [ -f "$R/$n/model.safetensors" ] && $E convert "$R/$n/model.safetensors" "$OUT/base_$n.safetensors"
     done
-    tar czf "$OUT/base_sweep_logs.tgz" "$R"/eval_*.json "$R"/e[124]_*/metrics.jsonl "$R"/paper_*/metrics.jsonl 2>/dev/null
+    tar czf "$OUT/base_sweep_logs.tgz" "$R"/eval_*.json "$R"/e[124]_*/metrics.jsonl "$R"/paper_*/metrics.jsonl \
+      "$R"/long_*/metrics.jsonl 2>/dev/null
   fi
   ;;
 *) echo "STAGE must be models, e2e or sweep, not '${STAGE}'" >&2; exit 2 ;;
