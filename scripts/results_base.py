@@ -76,6 +76,15 @@ SWEEP = [
 ]
 
 
+# E2E on a student distilled for only 400 steps (STAGE=weak), latent energy score + 10·LPIPS, 400 steps.
+WEAK = [
+    ("student distilled 400 steps", ["weak_lcm"], 1), ("student distilled 400 steps", ["weak_lcm"], 2),
+    ("student distilled 400 steps", ["weak_lcm"], 4),
+    ("E2E on it, lr 1e-6", ["weak_e2_lr1e-6"], 2), ("E2E on it, lr 3e-6", ["weak_e2_lr3e-6"], 2),
+    ("E2E on it, lr 1e-6", ["weak_e4_lr1e-6"], 4), ("E2E on it, lr 3e-6", ["weak_e4_lr3e-6"], 4),
+]
+
+
 def load(folder: Path, name: str, k: int, split: str) -> dict | None:
     path = folder / f"eval_{name}_k{k}_{split}.json"
     return json.loads(path.read_text()) if path.exists() else None
@@ -112,7 +121,8 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("folder", type=Path)
     args = p.parse_args()
-    for title, rows in (("Table 1", TABLE1), ("Table 2 (K = 4)", TABLE2), ("K = 1 / K = 2 sweeps", SWEEP)):
+    for title, rows in (("Table 1", TABLE1), ("Table 2 (K = 4)", TABLE2), ("K = 1 / K = 2 sweeps", SWEEP),
+                        ("A briefly distilled student", WEAK)):
         print(f"### {title}\n\n{table(args.folder, rows)}\n")
 
 

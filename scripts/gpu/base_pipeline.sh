@@ -4,6 +4,7 @@
 #   STAGE=models bash scripts/gpu/base_pipeline.sh   # autoencoder, then teacher (time-limited; rerun to continue)
 #   STAGE=e2e    bash scripts/gpu/base_pipeline.sh   # LCM student, evaluation rows, every E2E row side by side
 #   STAGE=sweep  bash scripts/gpu/base_pipeline.sh   # second pass: lr / loss space / LPIPS term per K, on val
+#   STAGE=weak   bash scripts/gpu/base_pipeline.sh   # E2E on a briefly distilled (weaker) student
 #
 # Every training command resumes from its run folder ($R, default runs/gpu-base), so a chunk cut by its time limit is
 # continued by running it again. Small models leave an H100 mostly idle, so the E2E rows run as concurrent processes
@@ -148,5 +149,26 @@ sweep)
       "$R"/long_*/metrics.jsonl 2>/dev/null
   fi
   ;;
-*) echo "STAGE must be models, e2e or sweep, not '${STAGE}'" >&2; exit 2 ;;
+weak)
+  # Does E2E pay off where the student has room? A student distilled for only WEAK_STEPS steps from the same teacher,
+  # then the best K = 2 / K = 4 E2E settings of the sweeps on it (TEACHER from $R/teacher or $M/base_teacher.safetensors).
+  TEACHER=${TEACHER:-$(pick teacher)}; ls -la "$TEACHER" || exit 1
+  stage weak_lcm timeout 120 $E distill --preset base --run-dir "$R/weak_lcm" teacher="$TEACHER" \
+    train.steps=${WEAK_STEPS:-400} train.checkpoint_every=100 train.progress=false
+  WEAK=$R/weak_lcm/model.safetensors
+  { for k in 1 2 4; do for s in val test; do evaluate weak_lcm "$WEAK" $k $s; done; done; } > "$R/eval_weak_lcm.log" &
+  LPS="loss.lpips_weights=$LP"
+  for row in "weak_e4_lr1e-6 4 optim.lr=1e-6" "weak_e4_lr3e-6 4 optim.lr=3e-6" "weak_e2_lr1e-6 2 optim.lr=1e-6" \
+             "weak_e2_lr3e-6 2 optim.lr=3e-6"; do
+    set -- $row; name=$1; k=$2; shift 2
+    { timeout "${ROW_SECONDS:-240}" $E finetune --preset base --run-dir "$R/$name" init="$WEAK" sampler_steps=$k \
+        train.steps=400 train.checkpoint_every=50 train.log_every=10 train.progress=false samples_per_caption=4 \
+        train.batch_size=32 loss.lpips=10 $LPS "$@" > "$R/$name.log" 2>&1
+      for s in val test; do evaluate "$name" "$R/$name/model.safetensors" "$k" $s; done; } > "$R/eval_$name.log" 2>&1 &
+  done
+  wait
+  cat "$R"/eval_weak_*.log
+  [ -n "${OUT:-}" ] && tar czf "$OUT/base_weak_logs.tgz" "$R"/eval_weak_*.json "$R"/weak_*/metrics.jsonl 2>/dev/null
+  ;;
+*) echo "STAGE must be models, e2e, sweep or weak, not '${STAGE}'" >&2; exit 2 ;;
 esac
