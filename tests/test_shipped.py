@@ -16,7 +16,7 @@ from e2ediff.models.dit import PRESETS as DIT_PRESETS
 from helpers import all_tensors, fake_env, fake_env_paths, pipeline_files, run_error  # noqa: F401
 
 ROOT = Path(__file__).resolve().parents[1] / "checkpoints"
-KINDS = {"teacher": "teacher", "lcm": "lcm", "e2e": "e2e"}
+KINDS = ("teacher", "lcm", "e2e")                    # file name = the kind in its metadata
 MAX_BYTES = 16_000_000
 
 
@@ -27,8 +27,8 @@ def test_shipped_pipeline_files(preset):
     assert ae_meta["kind"] == "autoencoder"
     expected_ae = AE_PRESETS[preset]
     assert tuple(ae_meta["autoencoder"]["channels"]) == tuple(expected_ae.channels)
-    for name, kind in KINDS.items():
-        path = folder / f"{name}.safetensors"
+    for kind in KINDS:
+        path = folder / f"{kind}.safetensors"
         assert path.stat().st_size <= MAX_BYTES, f"{path} is {path.stat().st_size} bytes"
         tensors, meta = load_model_file(path)
         assert meta["kind"] == kind

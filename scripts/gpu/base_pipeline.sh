@@ -32,6 +32,17 @@ evaluate() {  # evaluate NAME MODEL K SPLIT [extra evaluate flags]: one JSON row
     --output "$R/eval_${name}_k${k}_${split}.json" 2>&1 | grep -v "^Loading" | sed "s/^/$name k=$k $split: /"
 }
 
+selected() { [ -z "${ONLY:-}" ] || [[ " $ONLY " == *" $1 "* ]]; }   # ONLY="name ...": run just these rows
+throttle() { while [ "$(jobs -rp | wc -l)" -ge "${WAVE:-$1}" ]; do sleep 2; done; }   # at most WAVE (default $1) at once
+row() {  # row NAME K INIT STEPS [overrides]: time-limited E2E fine-tune of INIT, then its val and test rows
+  local name=$1 k=$2 init=$3 steps=$4; shift 4
+  stage "$name" timeout "${ROW_SECONDS:-240}" $E finetune --preset base --run-dir "$R/$name" init="$init" \
+    sampler_steps=$k train.steps=$steps train.checkpoint_every=50 train.log_every=10 train.progress=false "$@" \
+    > "$R/$name.log" 2>&1
+  [ -f "$R/$name/model.safetensors" ] || return 1
+  for s in val test; do evaluate "$name" "$R/$name/model.safetensors" "$k" $s; done
+}
+
 case "${STAGE:-models}" in
 models)
   stage autoencoder timeout "${AE_SECONDS:-210}" $E train-autoencoder --preset base --run-dir "$R/autoencoder" \
@@ -75,18 +86,11 @@ e2e)
     "energylpips10_4 4 $ES loss.lpips=10 loss.lpips_weights=$LP"
     "energygan4 4 $ES loss.gan=0.1"
   )
-  for row in "${ROWS[@]}"; do
-    set -- $row; name=$1; k=$2; shift 2
-    [ -n "${ONLY:-}" ] && [[ ! " $ONLY " == *" $name "* ]] && continue
-    stage "$name" timeout "${ROW_SECONDS:-240}" $E finetune --preset base --run-dir "$R/$name" init="$LCM" \
-      sampler_steps=$k optim.lr=${LR:-2e-5} train.steps=${ROW_STEPS:-300} train.checkpoint_every=50 \
-      train.log_every=10 train.progress=false "$@" > "$R/$name.log" 2>&1 &
-  done
-  wait
-  for row in "${ROWS[@]}"; do
-    set -- $row; name=$1; k=$2
-    [ -f "$R/$name/model.safetensors" ] || continue
-    { for s in val test; do evaluate "$name" "$R/$name/model.safetensors" "$k" $s; done; } > "$R/eval_$name.log" &
+  for spec in "${ROWS[@]}"; do
+    set -- $spec; name=$1; k=$2; shift 2
+    selected "$name" || continue
+    throttle 16
+    row "$name" $k "$LCM" ${ROW_STEPS:-300} optim.lr=${LR:-2e-5} "$@" > "$R/eval_$name.log" 2>&1 &
   done
   wait
   cat "$R"/eval_*.log; grep -h "=== .* done" "$R"/*.log
@@ -100,7 +104,7 @@ e2e)
   ;;
 sweep)
   # The second pass, chosen on the validation split: learning rate, loss space and an LPIPS term per K (400 steps; the
-  # first sweep's six rows, e{4,2}_lr*, ran 300). Rows run WAVE at a time; LCM from $R/lcm or $M/base_lcm.safetensors.
+  # first sweep's six rows, e{4,2}_lr*, ran 300; 8 rows at a time). LCM from $R/lcm or $M/base_lcm.safetensors.
   LCM=${LCM:-$(pick lcm)}; ls -la "$LCM" || exit 1
   ES="samples_per_caption=4 train.batch_size=32"; LPS="loss.lpips_weights=$LP"
   ROWS=(
@@ -131,13 +135,11 @@ sweep)
     "e1_pixlpips10_lr3e-6_seed1 1 400 loss.space=pixel loss.lpips=10 $LPS optim.lr=3e-6 train.seed=1"
     "e1_pixlpips10_lr3e-6_seed2 1 400 loss.space=pixel loss.lpips=10 $LPS optim.lr=3e-6 train.seed=2"
   )
-  for row in "${ROWS[@]}"; do
-    set -- $row; name=$1; k=$2; steps=${ROW_STEPS:-$3}; shift 3
-    [ -n "${ONLY:-}" ] && [[ ! " $ONLY " == *" $name "* ]] && continue
-    while [ "$(jobs -rp | wc -l)" -ge "${WAVE:-8}" ]; do sleep 2; done
-    { timeout "${ROW_SECONDS:-240}" $E finetune --preset base --run-dir "$R/$name" init="$LCM" sampler_steps=$k \
-        train.steps=$steps train.checkpoint_every=50 train.log_every=10 train.progress=false $ES "$@" > "$R/$name.log" 2>&1
-      for s in val test; do evaluate "$name" "$R/$name/model.safetensors" "$k" $s; done; } > "$R/eval_$name.log" 2>&1 &
+  for spec in "${ROWS[@]}"; do
+    set -- $spec; name=$1; k=$2; steps=${ROW_STEPS:-$3}; shift 3
+    selected "$name" || continue
+    throttle 8
+    row "$name" $k "$LCM" $steps $ES "$@" > "$R/eval_$name.log" 2>&1 &
   done
   wait
   cat "$R"/eval_e[124]_*.log "$R"/eval_paper_*.log "$R"/eval_long_*.log 2>/dev/null
@@ -158,13 +160,11 @@ weak)
   WEAK=$R/weak_lcm/model.safetensors
   { for k in 1 2 4; do for s in val test; do evaluate weak_lcm "$WEAK" $k $s; done; done; } > "$R/eval_weak_lcm.log" &
   LPS="loss.lpips_weights=$LP"
-  for row in "weak_e4_lr1e-6 4 optim.lr=1e-6" "weak_e4_lr3e-6 4 optim.lr=3e-6" "weak_e2_lr1e-6 2 optim.lr=1e-6" \
-             "weak_e2_lr3e-6 2 optim.lr=3e-6"; do
-    set -- $row; name=$1; k=$2; shift 2
-    { timeout "${ROW_SECONDS:-240}" $E finetune --preset base --run-dir "$R/$name" init="$WEAK" sampler_steps=$k \
-        train.steps=400 train.checkpoint_every=50 train.log_every=10 train.progress=false samples_per_caption=4 \
-        train.batch_size=32 loss.lpips=10 $LPS "$@" > "$R/$name.log" 2>&1
-      for s in val test; do evaluate "$name" "$R/$name/model.safetensors" "$k" $s; done; } > "$R/eval_$name.log" 2>&1 &
+  for spec in "weak_e4_lr1e-6 4 optim.lr=1e-6" "weak_e4_lr3e-6 4 optim.lr=3e-6" "weak_e2_lr1e-6 2 optim.lr=1e-6" \
+              "weak_e2_lr3e-6 2 optim.lr=3e-6"; do
+    set -- $spec; name=$1; k=$2; shift 2
+    row "$name" $k "$WEAK" 400 samples_per_caption=4 train.batch_size=32 loss.lpips=10 $LPS "$@" \
+      > "$R/eval_$name.log" 2>&1 &
   done
   wait
   cat "$R"/eval_weak_*.log

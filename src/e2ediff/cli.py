@@ -362,7 +362,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.command in ("evaluate", "train-classifier", "train-lpips", "demo") and args.data_dir is not None:
         os.environ["E2EDIFF_DATA_DIR"] = str(args.data_dir)
     handlers = {"encode-prompts": cmd_encode_prompts, "sample": cmd_sample, "evaluate": cmd_evaluate,
-                "train-classifier": cmd_train_classifier, "demo": cmd_demo, "convert": cmd_convert, "train-lpips": cmd_train_lpips}
+                "train-classifier": cmd_train_classifier, "demo": cmd_demo, "convert": cmd_convert,
+                "train-lpips": cmd_train_lpips}
     try:
         handlers.get(args.command, cmd_train)(args)
     except KeyboardInterrupt:
