@@ -1,7 +1,7 @@
 """How much the autoencoder alone costs the metrics: reconstruction PSNR and the evaluation classifier's accuracy on
 reconstructions of real test images (the ceiling any generated row's alignment is measured under).
 
-    python scripts/autoencoder_check.py --autoencoder checkpoints/tiny/autoencoder.safetensors --num 1000
+    python scripts/autoencoder_check.py --autoencoder checkpoints/base/autoencoder.safetensors --num 1000
 """
 from __future__ import annotations
 

@@ -18,7 +18,7 @@ cd "$(dirname "$0")/../.."
 export E2EDIFF_DATA_DIR=${E2EDIFF_DATA_DIR:-$PWD/.gpu/fashion-mnist} E2EDIFF_CACHE=${E2EDIFF_CACHE:-$PWD/.gpu/cache}
 export PYTHONPATH=$PWD/src${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1 OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 R=${R:-runs/gpu-base}; M=${M:-.gpu/models}; N=${EVAL_N:-10000}
-CLS=${CLS:-checkpoints/classifier}; LP=${LP:-checkpoints/tiny/lpips_fashion.safetensors}
+CLS=${CLS:-checkpoints/classifier}; LP=${LP:-checkpoints/lpips_fashion.safetensors}
 E="python3 -m e2ediff"
 mkdir -p "$R"
 stage() { local name=$1; shift; local t0=$SECONDS; echo "=== $name"; "$@"; local rc=$?; echo "=== $name done rc=$rc in $((SECONDS - t0)) s"; }

@@ -30,12 +30,15 @@ class E2ELoss:
     energy: float = 1.0                  # λ_ES: energy score over m samples per caption (ours; needs m >= 2)
     energy_lambda: float = 1.0           # λ inside the energy score (1: strictly proper)
     energy_form: Literal["score", "distance"] = "score"  # per-image score, or per-caption-group batch energy distance
-    space: Literal["latent", "pixel"] = "latent"          # where L1 / L2 / energy compare (pixel: decoder in the graph)
+    space: Literal["latent", "pixel", "features"] = "latent"  # where L1 / L2 / energy compare: latents, decoded
+                                         # pixels, or the frozen LPIPS network's feature space (‖φ(x)−φ(y)‖² = LPIPS)
+    real_bank: int = 0                   # > 0: energy distance per class against this many real images of each class
+                                         # drawn every step (a low-variance target), instead of the paired images
     lpips_backbone: Literal["fashion", "vgg16", "alexnet"] = "fashion"
     lpips_weights: str = ""              # fashion: FashionFeatureNet file (`e2ediff train-lpips`); else backbone weights
     lpips_heads: str = ""                # optional learned LPIPS linear heads (lin0..lin4); default uniform 1/C
     gan: float = 0.0                     # λ_GAN
-    gan_space: Literal["latent", "pixel"] = "latent"
+    gan_space: Literal["latent", "pixel", "features"] = "latent"  # features: heads on the frozen LPIPS network (ADD)
     gan_loss: Literal["hinge", "nonsaturating"] = "hinge"
     gan_adaptive: bool = False           # VQGAN's adaptive λ: ‖∇L_rec‖ / ‖∇L_GAN‖ at the last layer, times λ_GAN
     r1: float = 0.0                      # R1 penalty weight on real inputs of the discriminator
@@ -46,8 +49,15 @@ class E2ELoss:
             _check(getattr(self, name) >= 0, f"loss.{name}", getattr(self, name), ">= 0")
         _check(self.l1 + self.l2 + self.lpips + self.energy + self.gan > 0, "loss", "all weights 0",
                "at least one positive weight among l1, l2, lpips, energy, gan")
-        _check(self.lpips == 0 or bool(self.lpips_weights), "loss.lpips_weights", self.lpips_weights,
-               "a weights file when loss.lpips > 0")
+        _check(not self.uses_feature_net or bool(self.lpips_weights), "loss.lpips_weights", self.lpips_weights,
+               "a weights file when loss.lpips > 0, loss.space=features or loss.gan_space=features")
+        _check(self.real_bank >= 0, "loss.real_bank", self.real_bank, ">= 0")
+        _check(self.real_bank == 0 or self.energy > 0, "loss.real_bank", self.real_bank,
+               "0 unless loss.energy > 0 (the bank is the energy distance's real sample)")
+
+    @property
+    def uses_feature_net(self) -> bool:
+        return self.lpips > 0 or self.space == "features" or (self.gan > 0 and self.gan_space == "features")
 
 
 @dataclass
@@ -59,6 +69,9 @@ class FinetuneRun:
                                                           # or PixArt-δ's own (999/759/519/279)
     renoise: Literal["vp", "ve"] = "vp"  # re-noise form between steps (VP as PixArt/SD; VE as Algorithm 1 writes it)
     w: float | None = None               # guidance-scale embedding input (default: the init file's sampler w)
+    sampler_steps_mix: tuple[int, ...] | None = None  # K drawn per iteration from this list (e.g. [1, 2, 4]), so one
+                                         # model serves every K; the exported default sampler keeps sampler_steps
+    w_range: tuple[float, float] | None = None  # guidance input w drawn per chain, uniform in [lo, hi] (a user's dial)
     samples_per_caption: int = 4         # m: independent noises per training image (energy score needs >= 2)
     checkpointing: bool = True           # activation checkpointing around every step's model call
     truncate: int = 0                    # > 0: gradients only through the last `truncate` steps (DRaFT-K)
@@ -79,6 +92,14 @@ class FinetuneRun:
         _check(self.loss.energy == 0 or self.samples_per_caption >= 2, "samples_per_caption",
                self.samples_per_caption, ">= 2 when loss.energy > 0 (the energy score compares samples)")
         _check(0 <= self.truncate <= self.sampler_steps, "truncate", self.truncate, f"in [0, {self.sampler_steps}]")
+        mix = self.sampler_steps_mix
+        _check(mix is None or (len(mix) > 0 and all(k >= 1 for k in mix)), "sampler_steps_mix", mix,
+               "None or a non-empty list of step counts >= 1")
+        _check(mix is None or self.timesteps is None, "sampler_steps_mix", mix,
+               "None when timesteps is set (the schedule makes each K's timesteps)")
+        _check(mix is None or self.truncate == 0, "sampler_steps_mix", mix, "None when truncate > 0")
+        _check(self.w_range is None or (0 < self.w_range[0] <= self.w_range[1]), "w_range", self.w_range,
+               "None or [lo, hi] with 0 < lo <= hi")
 
 
 PRESETS = {
@@ -92,7 +113,7 @@ PRESETS = {
 
 
 def e2e_step(student: nn.Module, autoencoder: nn.Module, images: Tensor, cond: TextCond, *, timesteps: list[int],
-             m: int, generator: torch.Generator, renoise: str = "vp", w: float | None = None,
+             m: int, generator: torch.Generator, renoise: str = "vp", w: float | Tensor | None = None,
              checkpoint: bool = True, grad_from_step: int = 0) -> tuple[Tensor, Tensor]:
     """E2EDiff Algorithm 1, one iteration's forward pass. Returns (z0 [B,...], ẑ0 [B·m,...], m outputs per image in a row).
 
@@ -108,7 +129,12 @@ def e2e_step(student: nn.Module, autoencoder: nn.Module, images: Tensor, cond: T
     z_T = torch.randn(shape, generator=generator, device=gd).to(z0)  # z_T ~ N(0, I): pure noise, not a noised z0
     noises = [torch.randn(shape, generator=generator, device=gd).to(z0)   # fresh noise for every re-noise
               for _ in range(len(timesteps) - 1)]
-    w_in = None if w is None else torch.full((shape[0],), float(w), device=z0.device)
+    if isinstance(w, Tensor):                                         # one guidance input per chain
+        if w.shape != (shape[0],):
+            raise ValueError(f"w has shape {tuple(w.shape)}; expected one value per chain ({shape[0]},)")
+        w_in = w.to(z0)
+    else:
+        w_in = None if w is None else torch.full((shape[0],), float(w), device=z0.device)
     # for t = T..1: ẑ0 = G_θ(z_t, e_c, t) with LCM boundary terms; z_{t−1} = re-noise(ẑ0) — gradients through all
     z0_hat = lcm(student, z_T, timesteps, cond_m, renoise=renoise, noises=noises, w=w_in,
                  checkpoint=checkpoint, grad_from_step=grad_from_step)
@@ -124,52 +150,73 @@ class E2EObjective(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.autoencoder = autoencoder
-        self.lpips = load_lpips(cfg) if cfg.lpips > 0 else None
+        self.lpips = load_lpips(cfg) if cfg.uses_feature_net else None   # frozen: the LPIPS / feature network
         self.disc = None
         if cfg.gan > 0:
-            from e2ediff.losses.gan import LatentDiscriminator, PixelDiscriminator
+            from e2ediff.losses.gan import FeatureDiscriminator, LatentDiscriminator, PixelDiscriminator
 
-            self.disc = (LatentDiscriminator(latent_channels, latent_size, text_dim) if cfg.gan_space == "latent"
-                         else PixelDiscriminator(image_channels, image_size, text_dim))
+            if cfg.gan_space == "latent":
+                self.disc = LatentDiscriminator(latent_channels, latent_size, text_dim)
+            elif cfg.gan_space == "pixel":
+                self.disc = PixelDiscriminator(image_channels, image_size, text_dim)
+            else:
+                self.disc = FeatureDiscriminator(self.lpips.backbone, text_dim)
 
     def _decode(self, z: Tensor) -> Tensor:
         return self.autoencoder.decode_latents(z)
 
+    def represent(self, z: Tensor | None, x: Tensor | None) -> Tensor:
+        """Where L1 / L2 / the energy terms compare: the latent z, the image x, or x's LPIPS feature vector."""
+        if self.cfg.space == "latent":
+            return z
+        return x if self.cfg.space == "pixel" else self.lpips.embed(x)
+
     def forward(self, z0_hat: Tensor, z0: Tensor, images: Tensor, cond: TextCond, groups: Tensor, m: int,
-                last_layer: Tensor | None = None) -> tuple[Tensor, dict[str, float]]:
+                last_layer: Tensor | None = None, bank: tuple[Tensor, Tensor] | None = None
+                ) -> tuple[Tensor, dict[str, Tensor]]:
+        """Per-image loss [B] and detached log values. ``bank``: (real images [N, C, H, W], their groups [N]) for
+        ``loss.real_bank``; their latents are encoded here when the loss compares latents."""
         from e2ediff.losses.coupling import minibatch_ot_pairing
         from e2ediff.losses.energy import energy_distance_by_group, energy_score
         from e2ediff.losses.recon import l1, l2
 
         cfg = self.cfg
         b = len(z0)
-        pixel = cfg.space == "pixel" or cfg.lpips > 0 or (cfg.gan > 0 and cfg.gan_space == "pixel")
+        pixel = cfg.space != "latent" or cfg.lpips > 0 or (cfg.gan > 0 and cfg.gan_space != "latent")
         x_hat = self._decode(z0_hat) if pixel else None                           # decoder in the graph
-        gen = x_hat if cfg.space == "pixel" else z0_hat                           # [B·m, ...]
-        real = images if cfg.space == "pixel" else z0                             # [B, ...]
+        gen = self.represent(z0_hat, x_hat)                                       # [B·m, ...]
+        with torch.no_grad():
+            real = self.represent(z0, images)                                     # [B, ...]
         groups_m = groups.repeat_interleave(m)
         target_idx = torch.arange(b, device=z0.device).repeat_interleave(m)       # output i ↔ image i // m
         if cfg.coupling == "minibatch_ot":                                        # Hungarian pairing within a caption
             perm = minibatch_ot_pairing(gen.detach(), real[target_idx].detach(), groups_m)
             target_idx = target_idx[perm.to(target_idx.device)]
         total = z0.new_zeros(b * m)
-        logs: dict[str, float] = {}
+        logs: dict[str, Tensor] = {}
         if cfg.l1 > 0:
             term = l1(gen, real[target_idx])
-            total, logs["l1"] = total + cfg.l1 * term, float(term.detach().mean())
+            total, logs["l1"] = total + cfg.l1 * term, term.detach().mean()
         if cfg.l2 > 0:
             term = l2(gen, real[target_idx])
-            total, logs["l2"] = total + cfg.l2 * term, float(term.detach().mean())
+            total, logs["l2"] = total + cfg.l2 * term, term.detach().mean()
         if cfg.lpips > 0:
             term = self.lpips(x_hat, images[target_idx])
-            total, logs["lpips"] = total + cfg.lpips * term, float(term.detach().mean())
+            total, logs["lpips"] = total + cfg.lpips * term, term.detach().mean()
         per_image = total.view(b, m).mean(1)                                      # [B]
         if cfg.energy > 0:
-            if cfg.energy_form == "score":
+            if bank is not None:                        # per-class energy distance against a bank of real images
+                bank_images, bank_groups = bank
+                with torch.no_grad():
+                    bank_z = self.autoencoder.encode_latents(bank_images) if cfg.space == "latent" else None
+                    bank_real = self.represent(bank_z, bank_images)
+                term = energy_distance_by_group(gen, bank_real, groups_m, bank_groups,
+                                                cfg.energy_lambda).view(b, m).mean(1)
+            elif cfg.energy_form == "score":
                 term = energy_score(gen.view(b, m, *gen.shape[1:]), real, cfg.energy_lambda)           # [B]
             else:
                 term = energy_distance_by_group(gen, real, groups_m, groups, cfg.energy_lambda).view(b, m).mean(1)
-            per_image, logs["energy"] = per_image + cfg.energy * term, float(term.detach().mean())
+            per_image, logs["energy"] = per_image + cfg.energy * term, term.detach().mean()
         if cfg.gan > 0:
             fake = z0_hat if cfg.gan_space == "latent" else x_hat
             pooled = cond.pooled.repeat_interleave(m, 0)
@@ -182,12 +229,12 @@ class E2EObjective(nn.Module):
                 from e2ediff.losses.gan import adaptive_gan_weight
 
                 weight = cfg.gan * adaptive_gan_weight(per_image.mean(), g.mean(), last_layer)
-                logs["gan_weight"] = float(weight)
-            per_image, logs["gan_g"] = per_image + weight * g, float(g.detach().mean())
+                logs["gan_weight"] = weight
+            per_image, logs["gan_g"] = per_image + weight * g, g.detach().mean()
         return per_image, logs
 
     def discriminator_loss(self, z0_hat: Tensor, z0: Tensor, images: Tensor, cond: TextCond, m: int
-                           ) -> tuple[Tensor, dict[str, float]]:
+                           ) -> tuple[Tensor, dict[str, Tensor]]:
         from e2ediff.losses.gan import d_hinge, d_nonsaturating, r1_penalty
 
         cfg = self.cfg
@@ -204,12 +251,12 @@ class E2EObjective(nn.Module):
         # B reals vs B·m fakes: each real logit is repeated m times so that the per-pair loss averages to
         # mean over reals + mean over fakes.
         loss = d_fn(real_logits.repeat_interleave(m, 0), fake_logits)
-        logs = {"d_loss": float(loss.detach().mean()), "d_real": float(real_logits.detach().mean()),
-                "d_fake": float(fake_logits.detach().mean())}
+        logs = {"d_loss": loss.detach().mean(), "d_real": real_logits.detach().mean(),
+                "d_fake": fake_logits.detach().mean()}
         if cfg.r1 > 0:
             r1 = r1_penalty(self.disc, real.detach(), pooled)
             loss = loss + cfg.r1 * r1.mean()
-            logs["r1"] = float(r1.detach().mean())
+            logs["r1"] = r1.detach().mean()
         return loss.mean(), logs
 
 
@@ -242,10 +289,23 @@ class FinetuneTask(Task):
         self.schedule, self.prediction = self.init.denoiser.schedule, self.init.denoiser.prediction
         schedule = lcm_timesteps if cfg.timestep_schedule == "lcm" else pixart_lcm_timesteps
         self.timesteps = list(cfg.timesteps) if cfg.timesteps is not None else schedule(cfg.sampler_steps)
+        self.mix = [schedule(k) for k in cfg.sampler_steps_mix] if cfg.sampler_steps_mix else None
         sampler = self.init.meta.get("sampler", {})
         self.w = cfg.w if cfg.w is not None else (sampler.get("w") if net.config.guidance_embed else None)
         if net.config.guidance_embed and self.w is None:
             raise ValueError(f"{cfg.init} embeds the guidance scale; set w=<scale>")
+        if cfg.w_range is not None and not net.config.guidance_embed:
+            raise ValueError(f"w_range={list(cfg.w_range)}: {cfg.init} has no guidance-scale embedding to feed")
+        self.bank_items = None
+        if cfg.loss.real_bank > 0:          # train items of each class, for the per-class real bank
+            labels = self.data.labels
+            if bool((labels < 0).any()):
+                raise ValueError("loss.real_bank needs class labels (the Fashion-MNIST dataset); this dataset has "
+                                 "images without a class")
+            per_class = [torch.nonzero(labels == c).flatten() for c in range(int(labels.max()) + 1)]
+            width = max(len(p) for p in per_class)
+            self.bank_items = torch.stack([p[torch.arange(width, device=p.device) % len(p)] for p in per_class])
+            self.bank_counts = torch.tensor([len(p) for p in per_class], device=labels.device)
         ae = self.init.autoencoder
         self.objective = E2EObjective(cfg.loss, ae, text_dim=net.config.text_dim,
                                       latent_channels=net.config.in_channels, latent_size=net.config.input_size,
@@ -259,23 +319,42 @@ class FinetuneTask(Task):
         cfg = self.cfg
         images, cond, labels, caps = self.data.batch(self.stream.indices(step), generator)
         groups = torch.where(labels >= 0, labels, caps)               # a caption's class when known, else the caption
-        k = len(self.timesteps)
+        m = cfg.samples_per_caption
+        timesteps = self.timesteps
+        if self.mix is not None:                                      # K drawn for this iteration
+            pick = torch.randint(0, len(self.mix), (1,), generator=generator, device=generator.device)
+            timesteps = self.mix[int(pick)]
+        k = len(timesteps)
         cut = k - cfg.truncate if cfg.truncate > 0 else 0
         if cfg.random_truncation:
             cut = int(torch.randint(0, k, (1,), generator=generator, device=generator.device))
+        w = self.w
+        if cfg.w_range is not None:                                   # one guidance input per chain
+            lo, hi = cfg.w_range
+            u = torch.rand(len(images) * m, generator=generator, device=generator.device)
+            w = (lo + (hi - lo) * u).to(images.device)
+        bank = None
+        if self.bank_items is not None:                               # real_bank images of every class
+            n, classes = cfg.loss.real_bank, len(self.bank_counts)
+            u = torch.rand(classes, n, generator=generator, device=generator.device).to(self.bank_counts.device)
+            col = (u * self.bank_counts[:, None]).long()
+            idx = self.bank_items.gather(1, col)                      # [classes, n]
+            bank = (self.data.images[idx.flatten()],
+                    torch.arange(classes, device=idx.device).repeat_interleave(n))
         student = Denoiser(self.module("net"), self.schedule, self.prediction)
-        z0, z0_hat = e2e_step(student, self.init.autoencoder, images, cond, timesteps=self.timesteps,
-                              m=cfg.samples_per_caption, generator=generator, renoise=cfg.renoise, w=self.w,
+        z0, z0_hat = e2e_step(student, self.init.autoencoder, images, cond, timesteps=timesteps,
+                              m=m, generator=generator, renoise=cfg.renoise, w=w,
                               checkpoint=cfg.checkpointing, grad_from_step=cut)
         last = self.parts[0].module.final_layer.linear.weight if cfg.loss.gan_adaptive else None
-        per_image, logs = self.objective(z0_hat, z0, images, cond, groups, cfg.samples_per_caption, last)
+        per_image, logs = self.objective(z0_hat, z0, images, cond, groups, m, last, bank)
+        logs["sampler_steps"] = torch.tensor(float(k))
         losses = {"net": per_image.mean()}
         if self.objective.disc is not None:
             losses["disc"], d_logs = self.objective.discriminator_loss(z0_hat, z0, images, cond,
                                                                        cfg.samples_per_caption)
             logs.update(d_logs)
         with torch.no_grad():   # within-batch spread of the outputs: falls toward 0 when samples collapse
-            logs["output_std"] = float(z0_hat.float().std(0).mean())
+            logs["output_std"] = z0_hat.float().std(0).mean()
         return losses, logs
 
     def export(self, weights):

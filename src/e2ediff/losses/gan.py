@@ -66,6 +66,49 @@ class PixelDiscriminator(ProjectionDiscriminator):
         super().__init__(channels, size, text_dim, hidden, spectral_norm)
 
 
+class FeatureDiscriminator(nn.Module):
+    """Discriminator heads on a frozen multi-scale feature network, as in ADD / DMD2 (heads on frozen features).
+
+    One small trainable head per tap of ``backbone`` (a module with ``.channels`` whose forward returns a list of
+    feature maps, e.g. the LPIPS network): 1x1 conv -> LeakyReLU -> 3x3 conv -> LeakyReLU -> global sum pool ->
+    projection logit ψ(φ) + <embed(c), φ>. The logits of all heads are summed. The backbone gets no gradient of its
+    own (it is frozen), but gradients reach the input images, so the generator and R1 see through it.
+
+    x: [B, C, H, W] images in [-1, 1], pooled: [B, text_dim] -> logits [B].
+    """
+
+    def __init__(self, backbone: nn.Module, text_dim: int, hidden: int = 64, spectral_norm: bool = False):
+        super().__init__()
+        channels = list(getattr(backbone, "channels", []))
+        if not channels:
+            raise ValueError(f"backbone {type(backbone).__name__} has no non-empty .channels list")
+        self.backbone = backbone.eval().requires_grad_(False)
+        self.text_dim = text_dim
+        self.heads = nn.ModuleList(
+            nn.Sequential(_maybe_sn(nn.Conv2d(c, hidden, 1), spectral_norm), nn.LeakyReLU(0.2),
+                          _maybe_sn(nn.Conv2d(hidden, hidden, 3, padding=1), spectral_norm), nn.LeakyReLU(0.2))
+            for c in channels)
+        self.psi = nn.ModuleList(_maybe_sn(nn.Linear(hidden, 1), spectral_norm) for _ in channels)
+        self.embed = nn.ModuleList(_maybe_sn(nn.Linear(text_dim, hidden, bias=False), spectral_norm)
+                                   for _ in channels)
+
+    def train(self, mode: bool = True) -> "FeatureDiscriminator":
+        super().train(mode)
+        self.backbone.eval()
+        return self
+
+    def forward(self, x: Tensor, pooled: Tensor) -> Tensor:
+        if pooled.shape != (x.shape[0], self.text_dim):
+            raise ValueError(f"pooled has shape {tuple(pooled.shape)}; expected {(x.shape[0], self.text_dim)}")
+        if x.shape[1] == 1 and getattr(self.backbone, "in_channels", 1) == 3:
+            x = x.expand(-1, 3, -1, -1)
+        logits = x.new_zeros(x.shape[0])
+        for f, head, psi, embed in zip(self.backbone(x), self.heads, self.psi, self.embed):
+            phi = head(f).sum((2, 3))                                          # φ_l(x): [B, hidden]
+            logits = logits + psi(phi).squeeze(1) + (embed(pooled) * phi).sum(1)
+        return logits
+
+
 def d_hinge(real_logits: Tensor, fake_logits: Tensor) -> Tensor:
     """Hinge discriminator loss: relu(1 − D(x)) + relu(1 + D(G(z))). [B], [B] -> [B]."""
     return F.relu(1.0 - real_logits) + F.relu(1.0 + fake_logits)

@@ -333,6 +333,25 @@ class LPIPS(nn.Module):
             total = total + F.conv2d(diff, w).mean((1, 2, 3))                        # Σ_c w_c d_c, spatial mean
         return total
 
+    def embed(self, x: Tensor) -> Tensor:
+        """The LPIPS feature space as a vector: [B, C, H, W] -> [B, D] with ‖embed(x) − embed(y)‖² = LPIPS(x, y).
+
+        Per tap l: channel-normalised features times sqrt(w_c / (H_l W_l)), flattened and concatenated. Distances in
+        this space (energy score, energy distance) are therefore perceptual distances of a frozen multi-scale network.
+        """
+        if x.dim() != 4:
+            raise ValueError(f"x has shape {tuple(x.shape)}; expected [B, C, H, W]")
+        if x.shape[1] == 1 and self.in_channels == 3:
+            x = x.expand(-1, 3, -1, -1)
+        elif x.shape[1] != self.in_channels:
+            raise ValueError(f"x has {x.shape[1]} channels; the backbone expects {self.in_channels} (or 1)")
+        parts = []
+        for f, lin in zip(self.backbone(x), self.lins):
+            f = f / (torch.linalg.vector_norm(f, dim=1, keepdim=True) + LPIPS_EPS)
+            scale = (lin.weight.clamp(min=0).reshape(1, -1, 1, 1) / (f.shape[2] * f.shape[3])).sqrt()
+            parts.append((f * scale).flatten(1))
+        return torch.cat(parts, 1)
+
     @classmethod
     def from_local(cls, net: str, backbone_path: str | Path, heads_path: str | Path | None = None) -> "LPIPS":
         """LPIPS from local files. net: 'vgg' | 'alex' (torchvision state dict) | 'fashion' (FashionFeatureNet.save).

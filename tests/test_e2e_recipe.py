@@ -1,0 +1,228 @@
+"""The quality levers of the E2E recipe (issue #9), each against an independent reference: the LPIPS forward pass for
+the feature space, hand-written energy score / energy distance with scipy's cdist, a hand-written projection
+discriminator, per-chain calls for the guidance input, and short FinetuneTask runs on tiny seeded models."""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from scipy.spatial.distance import cdist
+
+from e2ediff.config import ConfigError, OptimConfig, TrainConfig, validate
+from e2ediff.denoiser import Denoiser
+from e2ediff.e2e import E2ELoss, E2EObjective, FinetuneRun, FinetuneTask, e2e_step
+from e2ediff.losses.gan import FeatureDiscriminator, r1_penalty
+from e2ediff.losses.perceptual import LPIPS, FashionFeatureNet
+from e2ediff.schedules import lcm_timesteps
+from e2ediff.trainer import train
+from test_e2e import (SCHEDULE, TEXT_DIM, StandInData, make_cond, objective_inputs, student_pipeline,
+                      tiny_autoencoder, tiny_dit)
+
+
+def feature_net(tmp_path, seed: int = 0) -> str:
+    torch.manual_seed(seed)
+    net = FashionFeatureNet(channels=(4, 8, 8))
+    path = tmp_path / "features.safetensors"
+    net.save(path)
+    return str(path)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# The frozen feature space: ‖φ(x) − φ(y)‖² = LPIPS(x, y)
+
+
+def test_lpips_embedding_distance_is_lpips_in_float64(tmp_path):
+    torch.manual_seed(1)
+    lp = LPIPS(FashionFeatureNet(channels=(4, 8, 8))).double()
+    with torch.no_grad():      # non-uniform, partly negative heads (negative weights are clamped to 0 by LPIPS)
+        for lin in lp.lins:
+            lin.weight.copy_(torch.randn(lin.weight.shape, dtype=torch.float64))
+    g = torch.Generator().manual_seed(2)
+    x = torch.rand(5, 1, 32, 32, generator=g, dtype=torch.float64) * 2 - 1
+    y = torch.rand(5, 1, 32, 32, generator=g, dtype=torch.float64) * 2 - 1
+    d2 = (lp.embed(x) - lp.embed(y)).square().sum(1)
+    assert torch.allclose(d2, lp(x, y), rtol=1e-10, atol=1e-12)
+    assert lp.embed(x).shape == (5, 4 * 32 * 32 + 8 * 16 * 16 + 8 * 8 * 8)
+
+
+def test_energy_score_in_feature_space_matches_hand_computation(tmp_path):
+    b, m = 3, 4
+    ae, images, z0, z0_hat, cond = objective_inputs(b, m)
+    cfg = E2ELoss(energy=1.0, space="features", lpips_weights=feature_net(tmp_path))
+    obj = E2EObjective(cfg, ae, text_dim=TEXT_DIM)
+    per_image, logs = obj(z0_hat, z0, images, cond, torch.arange(b), m)
+    lp = LPIPS(FashionFeatureNet.load(cfg.lpips_weights)).double()
+    gen = lp.embed(ae.decode_latents(z0_hat).double()).detach().numpy().reshape(b, m, -1)
+    real = lp.embed(images.double()).detach().numpy()
+    want = []
+    for i in range(b):
+        confinement = cdist(gen[i], real[i:i + 1]).mean()
+        pair = cdist(gen[i], gen[i])
+        want.append(confinement - 0.5 * pair.sum() / (m * (m - 1)))
+    assert per_image.detach().double().numpy() == pytest.approx(want, rel=1e-4, abs=1e-6)
+    per_image.sum().backward()
+    assert z0_hat.grad is not None and z0_hat.grad.abs().sum() > 0       # the decoder and φ are in the graph
+
+
+@pytest.mark.parametrize("space", ["latent", "features"])
+def test_real_bank_energy_distance_matches_scipy(space, tmp_path):
+    b, m, n = 4, 3, 5
+    ae, images, z0, z0_hat, cond = objective_inputs(b, m)
+    groups = torch.tensor([0, 1, 0, 1])
+    g = torch.Generator().manual_seed(11)
+    bank_images = torch.rand(2 * n, 1, 32, 32, generator=g) * 2 - 1
+    bank_groups = torch.arange(2).repeat_interleave(n)
+    cfg = E2ELoss(energy=1.0, space=space, real_bank=n, lpips_weights=feature_net(tmp_path) if space != "latent" else "")
+    obj = E2EObjective(cfg, ae, text_dim=TEXT_DIM)
+    per_image, _ = obj(z0_hat, z0, images, cond, groups, m, bank=(bank_images, bank_groups))
+    if space == "latent":
+        gen, real = z0_hat.detach().double(), ae.encode_latents(bank_images).double()
+    else:
+        lp = LPIPS(FashionFeatureNet.load(cfg.lpips_weights)).double()
+        gen = lp.embed(ae.decode_latents(z0_hat).double()).detach()
+        real = lp.embed(bank_images.double()).detach()
+    gen, real = gen.flatten(1).numpy(), real.flatten(1).numpy()
+    gm = groups.repeat_interleave(m).numpy()
+    c = np.zeros(len(gen))
+    for grp in (0, 1):   # c_i = 2·mean_r ‖G_i − R_r‖ − 1/(n_g − 1) Σ_{j≠i} ‖G_i − G_j‖ within the class
+        gi = np.nonzero(gm == grp)[0]
+        ri = np.nonzero(bank_groups.numpy() == grp)[0]
+        c[gi] = 2 * cdist(gen[gi], real[ri]).mean(1) - cdist(gen[gi], gen[gi]).sum(1) / (len(gi) - 1)
+    want = c.reshape(b, m).mean(1)
+    assert per_image.detach().double().numpy() == pytest.approx(want, rel=1e-4, abs=1e-5)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Discriminator heads on the frozen feature network (ADD / DMD2)
+
+
+def test_feature_discriminator_matches_hand_written_projection_heads():
+    torch.manual_seed(3)
+    backbone = FashionFeatureNet(channels=(4, 8, 8))
+    disc = FeatureDiscriminator(backbone, TEXT_DIM, hidden=6)
+    g = torch.Generator().manual_seed(4)
+    x = torch.rand(3, 1, 32, 32, generator=g) * 2 - 1
+    pooled = torch.randn(3, TEXT_DIM, generator=g)
+    want = torch.zeros(3)
+    for f, head, psi, embed in zip(backbone(x), disc.heads, disc.psi, disc.embed):
+        h = torch.nn.functional.leaky_relu(torch.nn.functional.conv2d(f, head[0].weight, head[0].bias), 0.2)
+        h = torch.nn.functional.leaky_relu(torch.nn.functional.conv2d(h, head[2].weight, head[2].bias, padding=1), 0.2)
+        phi = h.sum((2, 3))
+        want += phi @ psi.weight[0] + psi.bias[0] + ((pooled @ embed.weight.T) * phi).sum(1)
+    assert torch.allclose(disc(x, pooled), want, rtol=1e-5, atol=1e-5)
+    # only the heads train; the backbone stays frozen, yet the input (generator, R1) gets a gradient
+    trainable = {n for n, p in disc.named_parameters() if p.requires_grad}
+    assert trainable and not any(n.startswith("backbone.") for n in trainable)
+    r1 = r1_penalty(disc, x, pooled)
+    assert r1.shape == (3,) and bool((r1 > 0).all())
+    r1.sum().backward()
+    assert all(p.grad is None for p in backbone.parameters())
+    assert all(disc.heads[0][0].weight.grad is not None for _ in [0])
+
+
+def test_feature_gan_term_trains_in_a_finetune_run(tmp_path):
+    loss = E2ELoss(energy=1.0, gan=0.1, gan_space="features", r1=1.0, lpips_weights=feature_net(tmp_path))
+    cfg = FinetuneRun(init="memory", sampler_steps=2, samples_per_caption=2, loss=loss, optim=OptimConfig(lr=1e-3),
+                      train=TrainConfig(steps=2, batch_size=4, ema_decay=0.9, device="cpu", progress=False,
+                                        log_every=1, checkpoint_every=2))
+    task = FinetuneTask(cfg, torch.device("cpu"), data=StandInData(), init=student_pipeline())
+    heads_before = {k: v.clone() for k, v in task.parts[1].module.state_dict().items()}
+    last = train(task, cfg.train, tmp_path / "run", cfg, "finetune")
+    assert math.isfinite(last["loss/disc"]) and last["r1"] > 0
+    after = task.parts[1].module.state_dict()
+    changed = {k for k in heads_before if not torch.equal(heads_before[k], after[k])}
+    assert changed and not any(k.startswith("backbone.") for k in changed)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Guidance input per chain, K drawn per iteration
+
+
+def test_per_chain_guidance_equals_separate_runs():
+    b, m = 2, 2
+    pipe = student_pipeline()
+    student = Denoiser(tiny_dit(0, guidance_embed=True), SCHEDULE, "eps")
+    images = torch.rand(b, 1, 32, 32, generator=torch.Generator().manual_seed(5)) * 2 - 1
+    cond = make_cond(b)
+    w = torch.tensor([1.0, 1.5, 2.0, 3.0])
+    ts = lcm_timesteps(2)
+    _, together = e2e_step(student, pipe.autoencoder, images, cond, timesteps=ts, m=m,
+                           generator=torch.Generator().manual_seed(6), w=w, checkpoint=False)
+    for i, wi in enumerate(w.tolist()):
+        _, alone = e2e_step(student, pipe.autoencoder, images, cond, timesteps=ts, m=m,
+                            generator=torch.Generator().manual_seed(6), w=wi, checkpoint=False)
+        assert torch.allclose(together[i], alone[i], atol=1e-6)
+    with pytest.raises(ValueError, match="one value per chain"):
+        e2e_step(student, pipe.autoencoder, images, cond, timesteps=ts, m=m,
+                 generator=torch.Generator().manual_seed(6), w=w[:3], checkpoint=False)
+
+
+def test_steps_mix_and_w_range_in_a_finetune_run(tmp_path, monkeypatch):
+    import e2ediff.e2e as e2e_module
+
+    seen = []
+    real_step = e2e_module.e2e_step
+
+    def spy(*args, **kwargs):
+        seen.append((list(kwargs["timesteps"]), kwargs["w"]))
+        return real_step(*args, **kwargs)
+
+    monkeypatch.setattr(e2e_module, "e2e_step", spy)
+    cfg = FinetuneRun(init="memory", sampler_steps=4, sampler_steps_mix=(1, 2, 4), w_range=(1.0, 3.0),
+                      samples_per_caption=2, optim=OptimConfig(lr=1e-3),
+                      train=TrainConfig(steps=12, batch_size=4, ema_decay=0.9, device="cpu", progress=False,
+                                        log_every=1, checkpoint_every=12))
+    task = FinetuneTask(cfg, torch.device("cpu"), data=StandInData(), init=student_pipeline())
+    train(task, cfg.train, tmp_path / "run", cfg, "finetune")
+    steps = {len(ts) for ts, _ in seen}
+    assert steps == {1, 2, 4}                                           # every K of the mix was drawn
+    assert all(ts == lcm_timesteps(len(ts)) for ts, _ in seen)
+    ws = torch.cat([w for _, w in seen])
+    assert ws.shape == (12 * 4 * 2,) and 1.0 <= float(ws.min()) and float(ws.max()) <= 3.0
+    assert float(ws.std()) > 0.3                                        # drawn, not constant
+    from e2ediff.checkpoint import read_model_meta
+
+    meta = read_model_meta(tmp_path / "run" / "model.safetensors")
+    assert meta["sampler"]["timesteps"] == lcm_timesteps(4)             # the default sampler stays sampler_steps
+
+
+def test_real_bank_finetune_draws_real_images_of_each_class(tmp_path):
+    cfg = FinetuneRun(init="memory", sampler_steps=1, samples_per_caption=2, loss=E2ELoss(energy=1.0, real_bank=3),
+                      optim=OptimConfig(lr=1e-3),
+                      train=TrainConfig(steps=2, batch_size=4, ema_decay=0.9, device="cpu", progress=False,
+                                        log_every=1, checkpoint_every=2))
+    data = StandInData()
+    task = FinetuneTask(cfg, torch.device("cpu"), data=data, init=student_pipeline())
+    captured = {}
+    forward = task.objective.forward
+
+    def spy(*args, **kwargs):
+        captured["bank"] = args[7] if len(args) > 7 else kwargs.get("bank")
+        return forward(*args, **kwargs)
+
+    task.objective.forward = spy
+    last = train(task, cfg.train, tmp_path / "run", cfg, "finetune")
+    assert math.isfinite(last["loss/net"])
+    bank_images, bank_groups = captured["bank"]
+    assert bank_groups.tolist() == [0, 0, 0, 1, 1, 1, 2, 2, 2, 3, 3, 3]
+    for img, grp in zip(bank_images, bank_groups):     # every bank image is a real image of its class
+        match = [(data.images[i] == img).all() for i in range(len(data.images))]
+        assert any(bool(mm) and int(data.labels[i]) == int(grp) for i, mm in enumerate(match))
+
+
+@pytest.mark.parametrize("override, message", [
+    (dict(sampler_steps_mix=()), "sampler_steps_mix"),
+    (dict(sampler_steps_mix=(1, 0)), "sampler_steps_mix"),
+    (dict(sampler_steps_mix=(1, 2), timesteps=(999, 759, 499, 259)), "sampler_steps_mix"),
+    (dict(w_range=(2.0, 1.0)), "w_range"),
+    (dict(w_range=(0.0, 1.0)), "w_range"),
+    (dict(loss=E2ELoss(energy=1.0, space="features")), "loss.lpips_weights"),
+    (dict(loss=E2ELoss(energy=0.0, l2=1.0, real_bank=4)), "loss.real_bank"),
+    (dict(loss=E2ELoss(energy=1.0, gan=0.1, gan_space="features")), "loss.lpips_weights"),
+])
+def test_recipe_options_are_validated(override, message):
+    cfg = FinetuneRun(init="x.safetensors", **override)
+    with pytest.raises(ConfigError, match=message.replace(".", r"\.")):
+        validate(cfg)
