@@ -226,3 +226,33 @@ def test_recipe_options_are_validated(override, message):
     cfg = FinetuneRun(init="x.safetensors", **override)
     with pytest.raises(ConfigError, match=message.replace(".", r"\.")):
         validate(cfg)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# train.compile: the networks are compiled in place; training and the exported file are unchanged
+
+
+def test_compiled_training_matches_eager_and_keeps_parameter_names(tmp_path, monkeypatch):
+    from e2ediff.checkpoint import load_model_file
+
+    modes = []
+    real_compile = torch.compile
+
+    def eager_compile(fn=None, **kwargs):        # Dynamo traces for real; the eager backend skips C++ codegen
+        modes.append(kwargs.get("mode"))
+        kwargs.pop("mode", None)
+        return real_compile(fn, backend="eager", **kwargs)
+
+    monkeypatch.setattr(torch, "compile", eager_compile)
+    exports = {}
+    for compile_mode in ("no", "max-autotune-no-cudagraphs"):
+        cfg = FinetuneRun(init="memory", sampler_steps=2, samples_per_caption=2, optim=OptimConfig(lr=1e-3),
+                          train=TrainConfig(steps=2, batch_size=4, ema_decay=0.9, device="cpu", progress=False,
+                                            log_every=1, checkpoint_every=2, compile=compile_mode))
+        task = FinetuneTask(cfg, torch.device("cpu"), data=StandInData(), init=student_pipeline())
+        train(task, cfg.train, tmp_path / compile_mode, cfg, "finetune")
+        exports[compile_mode] = load_model_file(tmp_path / compile_mode / "model.safetensors")[0]
+    assert modes == ["max-autotune-no-cudagraphs"]
+    assert exports["no"].keys() == exports["max-autotune-no-cudagraphs"].keys()
+    for k, v in exports["no"].items():
+        torch.testing.assert_close(exports["max-autotune-no-cudagraphs"][k], v, rtol=1e-5, atol=1e-6)

@@ -78,6 +78,8 @@ class TrainConfig:
     deterministic: bool = False          # torch.use_deterministic_algorithms (bit-exact resume on CPU)
     max_nonfinite: int = 10              # non-finite losses/gradients in a row that stop the run (after a checkpoint)
     progress: bool = True                # progress bar
+    compile: Literal["no", "default", "reduce-overhead", "max-autotune-no-cudagraphs"] = "no"  # torch.compile the
+                                         # trained networks in place (reduce-overhead: CUDA graphs, for small models)
 
     def validate(self) -> None:
         _check(self.steps >= 1, "train.steps", self.steps, ">= 1")

@@ -30,12 +30,20 @@ class EMA:
     def update(self, model: nn.Module, step: int | None = None) -> None:
         """One EMA step after optimizer step ``step`` (0-based; None: the plain decay)."""
         decay = self.decay_at(step)
+        averaged, shadows, copied = [], [], []
         for k, v in model.state_dict().items():
             s = self.shadow[k]
-            if k in self._params and v.is_floating_point():
+            if k in self._params and v.is_floating_point() and v.dtype == s.dtype:
+                averaged.append(v)
+                shadows.append(s)
+            elif k in self._params and v.is_floating_point():
                 s.lerp_(v.to(s.dtype), 1.0 - decay)
             else:
-                s.copy_(v)
+                copied.append((s, v))
+        if shadows:   # one multi-tensor kernel per update instead of one launch per tensor
+            torch._foreach_lerp_(shadows, averaged, 1.0 - decay)
+        for s, v in copied:
+            s.copy_(v)
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         return self.shadow

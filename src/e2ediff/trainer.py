@@ -220,8 +220,9 @@ def train(task: Task, cfg: TrainConfig, run_dir: Path, run_config: Any, command:
         if not params:
             raise ValueError(f"part {part.name!r} has no trainable parameters")
         o = part.optim
+        fused = accelerator.device.type == "cuda"   # one kernel for the whole update instead of one per tensor
         optimizers[part.name] = torch.optim.AdamW(params, lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps,
-                                                  weight_decay=o.weight_decay)
+                                                  weight_decay=o.weight_decay, fused=fused)
         schedulers[part.name] = torch.optim.lr_scheduler.LambdaLR(optimizers[part.name], _lr_lambda(o.warmup_steps))
         if part.ema_decay > 0:
             emas[part.name] = EMA(part.module, part.ema_decay)
@@ -261,6 +262,9 @@ def train(task: Task, cfg: TrainConfig, run_dir: Path, run_config: Any, command:
     # Modules are not wrapped in DistributedDataParallel: the unrolled sampler calls the same network K times before
     # one backward (and a GAN uses its discriminator twice), which DDP's reducer does not allow without a static
     # graph. Gradients are averaged over processes explicitly after each backward instead (_average_gradients).
+    if cfg.compile != "no":   # in place: parameter names, checkpoints and exports are unchanged
+        for part in task.parts:
+            part.module.compile(mode=None if cfg.compile == "default" else cfg.compile)
     task._prepared = {p.name: p.module for p in task.parts}
     prepared_opts = accelerator.prepare(*[optimizers[p.name] for p in task.parts])
     if len(task.parts) == 1:

@@ -1,0 +1,67 @@
+#!/usr/bin/env bash
+# Issue #9 on one GPU: the speed benchmark, then E2E recipe rows against the shipped `base` student, side by side.
+#
+#   STAGE=bench bash scripts/gpu/quality_probe.sh      # benchmarks/e2e_speed.py: old code vs today's variants
+#   STAGE=probe bash scripts/gpu/quality_probe.sh      # recipe rows (concurrent) + the student, validation split
+#   STAGE=all   bash scripts/gpu/quality_probe.sh      # both, bench first
+#
+# Inputs (ignored by git, carried to the GPU machine): .gpu/fashion-mnist (the IDX .gz files), .gpu/cache (the MiniLM
+# prompt cache: `E2EDIFF_CACHE=$PWD/.gpu/cache e2ediff encode-prompts`), .gpu/old/src (the code before, for the
+# benchmark: `git archive 0ae16b9 src | tar -x -C .gpu/old`). Every result is copied to $OUT as soon as it exists, so
+# a call cut short still returns what finished. Rows train for ROW_SECONDS each (time-limited, all at once: a 5M model
+# leaves the card idle), then each row's exported model is scored at K = 1, 2, 4 on EVAL_N validation samples.
+set -uo pipefail
+cd "$(dirname "$0")/../.."
+export E2EDIFF_DATA_DIR=${E2EDIFF_DATA_DIR:-$PWD/.gpu/fashion-mnist} E2EDIFF_CACHE=${E2EDIFF_CACHE:-$PWD/.gpu/cache}
+export PYTHONPATH=$PWD/src PYTHONUNBUFFERED=1 OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
+R=${R:-runs/gpu-quality}; N=${EVAL_N:-5000}; OUT=${OUT:-$R/out}; DEV=${DEV:-cuda}
+CLS=checkpoints/classifier; LP=checkpoints/lpips_fashion.safetensors; LCM=checkpoints/base/lcm.safetensors
+E="python3 -m e2ediff"
+mkdir -p "$R" "$OUT"
+nvidia-smi --query-gpu=name,memory.total --format=csv,noheader 2>/dev/null || true
+save() { tar czf "$OUT/quality_rows.tgz" "$R"/*.json "$R"/*.log "$R"/*/metrics.jsonl "$R"/*/config.yaml 2>/dev/null; }
+
+evaluate() {  # evaluate NAME MODEL K: one JSON row in $R/eval_NAME_kK_val.json
+  $E evaluate --checkpoint "$2" --classifier "$CLS" --steps "$3" --num-samples "$N" --split val --device "$DEV" \
+    --output "$R/eval_$1_k$3_val.json" > "$R/eval_$1_k$3.log" 2>&1
+}
+row() {  # row NAME [overrides]: time-limited E2E fine-tune of the student, then its K = 1, 2, 4 validation rows
+  local name=$1; shift
+  timeout "${ROW_SECONDS:-150}" $E finetune --preset base --run-dir "$R/$name" init="$LCM" train.steps=100000 \
+    train.batch_size=32 samples_per_caption=4 train.checkpoint_every=50 train.log_every=10 train.progress=false \
+    train.device="$DEV" "$@" > "$R/$name.log" 2>&1
+  [ -f "$R/$name/model.safetensors" ] || { echo "$name: no model"; return 1; }
+  for k in 1 2 4; do evaluate "$name" "$R/$name/model.safetensors" $k; done
+  echo "$name done: step $(python3 -c "import json,sys; from e2ediff.checkpoint import read_model_meta as r; print(r(sys.argv[1]).get('step'))" "$R/$name/model.safetensors")"
+  save
+}
+
+if [[ "${STAGE:-all}" == bench || "${STAGE:-all}" == all ]]; then
+  python3 benchmarks/e2e_speed.py --old-src .gpu/old/src --device cuda --warmup "${BENCH_WARMUP:-15}" \
+    --iters "${BENCH_ITERS:-60}" --timeout 150 --output "$OUT/e2e_speed.json"
+fi
+if [[ "${STAGE:-all}" == probe || "${STAGE:-all}" == all ]]; then
+  F="loss.lpips_weights=$LP"
+  MIX="sampler_steps_mix=[1,2,4] w_range=[1.0,2.0]"
+  (for k in 1 2 4; do evaluate student "$LCM" $k; done; echo "student done"; save) &
+  row fbank_mix_lr1e-6 loss.space=features loss.real_bank=16 $F $MIX optim.lr=1e-6 &
+  row fbank_mix_lr3e-6 loss.space=features loss.real_bank=16 $F $MIX optim.lr=3e-6 &
+  row fbank_gan_mix_lr1e-6 loss.space=features loss.real_bank=16 loss.gan=0.1 loss.gan_space=features loss.r1=1.0 \
+    $F $MIX optim.lr=1e-6 &
+  row lbank_mix_lr1e-6 loss.real_bank=16 $MIX optim.lr=1e-6 &
+  row fscore_mix_lr1e-6 loss.space=features $F $MIX optim.lr=1e-6 &
+  row fbank_k4_lr1e-6 loss.space=features loss.real_bank=16 $F sampler_steps=4 optim.lr=1e-6 &
+  wait
+  save
+  python3 - "$R" <<'EOF'
+import glob, json, os, sys
+rows = {}
+for f in sorted(glob.glob(os.path.join(sys.argv[1], "eval_*_val.json"))):
+    r = json.load(open(f)); name = os.path.basename(f)[5:].rsplit("_k", 1)[0]
+    rows.setdefault(name, {})[r["nfe"]] = r
+print(f"{'row':24s} " + " ".join(f"K={k}: FD / align / div".ljust(28) for k in (1, 2, 4)))
+for name, by_k in rows.items():
+    print(f"{name:24s} " + " ".join((f"{by_k[k]['fd']:.3f} / {by_k[k]['alignment']:.3f} / {by_k[k]['diversity_rel']:.3f}"
+                                     if k in by_k else "-").ljust(28) for k in (1, 2, 4)))
+EOF
+fi
