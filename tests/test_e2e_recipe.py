@@ -256,3 +256,18 @@ def test_compiled_training_matches_eager_and_keeps_parameter_names(tmp_path, mon
     assert exports["no"].keys() == exports["max-autotune-no-cudagraphs"].keys()
     for k, v in exports["no"].items():
         torch.testing.assert_close(exports["max-autotune-no-cudagraphs"][k], v, rtol=1e-5, atol=1e-6)
+
+
+def test_keep_exports_writes_each_checkpoints_model_file(tmp_path):
+    cfg = FinetuneRun(init="memory", sampler_steps=1, samples_per_caption=2, optim=OptimConfig(lr=1e-3),
+                      train=TrainConfig(steps=4, batch_size=4, ema_decay=0.9, device="cpu", progress=False,
+                                        log_every=1, checkpoint_every=2, keep_exports=True))
+    task = FinetuneTask(cfg, torch.device("cpu"), data=StandInData(), init=student_pipeline())
+    train(task, cfg.train, tmp_path / "run", cfg, "finetune")
+    from e2ediff.checkpoint import read_model_meta
+
+    exports = sorted((tmp_path / "run" / "exports").iterdir())
+    assert [e.name for e in exports] == ["model_step_00000002.safetensors", "model_step_00000004.safetensors"]
+    assert [read_model_meta(e)["step"] for e in exports] == [2, 4]
+    assert exports[-1].read_bytes() == (tmp_path / "run" / "model.safetensors").read_bytes()
+    assert exports[0].read_bytes() != exports[-1].read_bytes()

@@ -78,6 +78,8 @@ class TrainConfig:
     deterministic: bool = False          # torch.use_deterministic_algorithms (bit-exact resume on CPU)
     max_nonfinite: int = 10              # non-finite losses/gradients in a row that stop the run (after a checkpoint)
     progress: bool = True                # progress bar
+    keep_exports: bool = False           # also keep every checkpoint's model file as exports/model_step_N.safetensors
+                                         # (validation early stopping: scripts/select_export.py picks one on val)
     compile: Literal["no", "default", "reduce-overhead", "max-autotune-no-cudagraphs"] = "no"  # torch.compile the
                                          # trained networks in place (reduce-overhead: CUDA graphs, for small models)
 

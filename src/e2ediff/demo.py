@@ -1,7 +1,8 @@
 """The README's main job: the Fashion-MNIST miniature of the paper on a CPU, in minutes.
 
 Default: load the shipped `base` LCM student and the shipped `base` E2E fine-tunes, E2E-fine-tune the student briefly
-here with the recipe of ``e2ediff.e2e.PRESETS["recipe"]`` (the paper's Algorithm 1 with a distributional loss), then
+here with the ``distribution`` preset of ``e2ediff.e2e.PRESETS`` (the paper's Algorithm 1 with a per-class energy
+distance in a frozen feature space, K and w drawn per iteration), then
 evaluate every model at K = 1, 2 and 4 sampler steps on the same seeds and write a report folder (markdown table,
 sample grids, a plot). ``--from-scratch`` trains a `tiny` pipeline on this machine first (autoencoder, evaluation
 classifier, teacher, LCM student; about an hour on two cores) and uses it instead of the shipped models.
@@ -68,7 +69,7 @@ def run_demo(out: Path, scratch: bool = False, finetune_steps: int = 40, num_sam
         recipe = ["--preset", "tiny"]
     else:
         models, extra = shipped_models()
-        recipe = ["--preset", "recipe", f"loss.lpips_weights={models['lpips']}"]
+        recipe = ["--preset", "distribution", f"loss.lpips_weights={models['lpips']}", "train.keep_exports=false"]
     finetune_dir = out / "finetune"
     _run(["finetune", *recipe, "--run-dir", str(finetune_dir), f"init={models['lcm']}",
           f"train.steps={finetune_steps}", "train.batch_size=16", "samples_per_caption=4",

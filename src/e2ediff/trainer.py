@@ -26,7 +26,7 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from e2ediff.checkpoint import (latest_checkpoint, load_optimizer_state, load_rng_state, load_state_strict,
+from e2ediff.checkpoint import (atomic_write_bytes, latest_checkpoint, load_optimizer_state, load_rng_state, load_state_strict,
                                 optimizer_state, rng_state, save_checkpoint, save_model_file, split_prefix,
                                 with_prefix, CheckpointError)
 from e2ediff.config import OptimConfig, TrainConfig, dump_yaml, to_dict
@@ -305,6 +305,9 @@ def train(task: Task, cfg: TrainConfig, run_dir: Path, run_config: Any, command:
             model_tensors, model_meta = exported
             save_model_file(run_dir / "model.safetensors", model_tensors,
                             {**model_meta, "step": step, "run_config": to_dict(run_config), "command": command})
+            if cfg.keep_exports:   # the same bytes, kept per step for selection on the validation split
+                atomic_write_bytes(run_dir / "exports" / f"model_step_{step:08d}.safetensors",
+                                   (run_dir / "model.safetensors").read_bytes())
 
     log = MetricsLog(run_dir, start, main)
     last: dict[str, float] = {}
