@@ -82,8 +82,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("demo", help="the Fashion-MNIST miniature on a CPU: fine-tune, evaluate, write a report")
     p.add_argument("--output", type=Path, default=Path("runs/demo"), help="report folder")
     p.add_argument("--from-scratch", action="store_true", help="train every tiny model here first (~1 h on 2 cores)")
-    p.add_argument("--finetune-steps", type=int, default=40)
-    p.add_argument("--num-samples", type=int, default=2000)
+    p.add_argument("--finetune-steps", type=int, default=20)
+    p.add_argument("--num-samples", type=int, default=1000, help="samples per row (every row: 1, 2 and 4 steps)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--data-dir", type=Path, help="Fashion-MNIST IDX files (.gz or raw)")
 

@@ -55,7 +55,7 @@ def shipped_models() -> tuple[dict[str, Path], list[tuple[str, Path]]]:
     return models, extra
 
 
-def run_demo(out: Path, scratch: bool = False, finetune_steps: int = 40, num_samples: int = 2000,
+def run_demo(out: Path, scratch: bool = False, finetune_steps: int = 20, num_samples: int = 1000,
              seed: int = 0) -> Path:
     from e2ediff.checkpoint import read_model_meta
     from e2ediff.evaluate import evaluate_model, write_json
@@ -66,14 +66,15 @@ def run_demo(out: Path, scratch: bool = False, finetune_steps: int = 40, num_sam
     t0 = time.perf_counter()
     if scratch:
         models, extra = from_scratch(out), []
-        recipe = ["--preset", "tiny"]
+        preset, recipe = "tiny", []
     else:
         models, extra = shipped_models()
-        recipe = ["--preset", "distribution", f"loss.lpips_weights={models['lpips']}", "train.keep_exports=false"]
+        preset, recipe = "distribution", [f"loss.lpips_weights={models['lpips']}", "train.keep_exports=false",
+                                          "loss.real_bank=8"]
     finetune_dir = out / "finetune"
-    _run(["finetune", *recipe, "--run-dir", str(finetune_dir), f"init={models['lcm']}",
-          f"train.steps={finetune_steps}", "train.batch_size=16", "samples_per_caption=4",
-          "train.checkpoint_every=20", "train.log_every=5", "train.device=cpu"])
+    _run(["finetune", "--preset", preset, "--run-dir", str(finetune_dir), *recipe, f"init={models['lcm']}",
+          f"train.steps={finetune_steps}", "train.batch_size=8", "samples_per_caption=4",
+          "train.checkpoint_every=10", "train.log_every=2", "train.device=cpu"])
     rows = [("LCM student" + ("" if scratch else ", shipped"), models["lcm"]), *extra,
             (f"E2E fine-tune of the student, {finetune_steps} steps here", finetune_dir / "model.safetensors")]
     results = []
