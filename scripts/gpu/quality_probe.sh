@@ -10,6 +10,10 @@
 # benchmark: `git archive 0ae16b9 src | tar -x -C .gpu/old`). Every result is copied to $OUT as soon as it exists, so
 # a call cut short still returns what finished. Rows train for ROW_SECONDS each (time-limited, all at once: a 5M model
 # leaves the card idle), then each row's exported model is scored at K = 1, 2, 4 on EVAL_N validation samples.
+# A device call carries at most 64 MiB: the tracked tree (~55 MiB) plus .gpu (~32 MiB) is too much, so move the files
+# the call does not read (checkpoints/base/e2e*.safetensors, checkpoints/base/autoencoder.safetensors) out of the
+# working tree for the call and back after it, and carry .gpu:
+#   run(command="STAGE=all ROW_SECONDS=300 EVAL_N=5000 bash scripts/gpu/quality_probe.sh", carry=[".gpu"])
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 export E2EDIFF_DATA_DIR=${E2EDIFF_DATA_DIR:-$PWD/.gpu/fashion-mnist} E2EDIFF_CACHE=${E2EDIFF_CACHE:-$PWD/.gpu/cache}

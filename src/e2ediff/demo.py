@@ -116,7 +116,7 @@ def _plot(out: Path, results: list[dict], metrics: Path) -> None:
     axes[0].legend(fontsize=6)
     if metrics.exists():
         lines = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
-        axes[1].plot([x["step"] for x in lines], [x["loss/net"] for x in lines], label="training loss")
+        axes[1].plot([x["step"] for x in lines], [x["loss/net"] for x in lines], marker="o", label="training loss")
         axes[1].set_xlabel("fine-tune step")
         axes[1].set_ylabel("training loss")
         axes[1].set_title("E2E fine-tune (this run)")
