@@ -159,3 +159,67 @@ def test_two_gloo_processes_equal_one_process_with_the_doubled_batch(folders, tm
     for k in a:
         if k.startswith(("net/", "ema/")):
             torch.testing.assert_close(b[k], a[k], rtol=1e-5, atol=1e-6, msg=k)
+
+
+def test_cached_latents_train_exactly_as_live_encoding(folders, tmp_path):
+    live, cached = tmp_path / "live", tmp_path / "cached"
+    finetune(folders, "pixart", live, "--lora-rank", "2", "train.steps=1")
+    finetune(folders, "pixart", cached, "--lora-rank", "2", "train.steps=1", "pretrained.cache_latents=true")
+    assert list((cached / "cache").glob("latents-*.safetensors"))
+    a, b = checkpoint_tensors(live, 1), checkpoint_tensors(cached, 1)
+    for k in a:
+        if k.startswith(("net/", "ema/")):
+            torch.testing.assert_close(b[k], a[k], rtol=1e-6, atol=1e-7, msg=k)
+
+
+def test_caption_cache_holds_the_pipelines_features_and_is_reused(folders, tmp_path):
+    from e2ediff.adapters.pipeline import load_pretrained
+    from e2ediff.data.imagefolder import caption_cache
+
+    pp = load_pretrained(folders / "pixart")
+    calls = []
+
+    def encode(captions):
+        calls.append(list(captions))
+        return pp.encode_prompts(captions)
+
+    first = caption_cache(encode, td.CAPTIONS, pp.text_encoder_key(), tmp_path)
+    again = caption_cache(encode, td.CAPTIONS, pp.text_encoder_key(), tmp_path)
+    assert len(calls) == 1 and torch.equal(first.tokens, again.tokens) and torch.equal(first.mask, again.mask)
+    tokens, mask, _, _ = pp.pipe.encode_prompt(td.CAPTIONS, do_classifier_free_guidance=False, device="cpu",
+                                               clean_caption=False, max_sequence_length=120)
+    torch.testing.assert_close(again.tokens, tokens, rtol=0, atol=0)
+    assert torch.equal(again.mask, mask.bool())
+    caption_cache(encode, td.CAPTIONS, pp.text_encoder_key() + "another encoder", tmp_path)
+    assert len(calls) == 2                                     # another encoder: another key, not a stale cache
+
+
+def test_imagefolder_resizes_crops_and_names_bad_records(folders, tmp_path):
+    from e2ediff.data.imagefolder import ImageFolderCaptions
+
+    data = ImageFolderCaptions(folders / "data", resolution=16)
+    images = data.images(torch.arange(len(data)))
+    assert images.shape == (len(data), 3, 16, 16) and images.min() >= -1 and images.max() <= 1
+    assert data.captions[int(data.caption_index[1])] == td.CAPTIONS[1]
+    (tmp_path / "metadata.jsonl").write_text('{"file_name": "missing.png", "text": "a boot"}\n')
+    with pytest.raises(FileNotFoundError, match="metadata.jsonl:1"):
+        ImageFolderCaptions(tmp_path, resolution=16)
+
+
+@pytest.fixture
+def fresh_accelerate_state():
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    yield
+    AcceleratorState._reset_state(reset_partial_state=True)
+
+
+def test_the_launchers_mixed_precision_is_honoured(folders, tmp_path, monkeypatch, fresh_accelerate_state):
+    """`accelerate launch --mixed_precision bf16` sets ACCELERATE_MIXED_PRECISION; train.mixed_precision=auto uses it."""
+    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "bf16")
+    run = tmp_path / "run"
+    finetune(folders, "pixart", run, "--lora-rank", "2", "train.steps=1")
+    state = load_checkpoint(run / "checkpoints" / "step_00000001")[1]
+    assert state["mixed_precision"] == "bf16"
+    assert state["config"]["train"]["mixed_precision"] == "auto"
