@@ -77,6 +77,18 @@ def test_sd_lcm_matches_stable_diffusion_pipeline(time_cond):
         assert _rel(other, ref) > 1e-3
 
 
+def test_sdxl_lcm_matches_stable_diffusion_xl_pipeline():
+    """SDXL: pooled text embeds of the second encoder and (H, W, 0, 0, H, W) time ids as the pipeline passes them."""
+    pipe = td.sdxl_pipeline()
+    pipe.set_progress_bar_config(disable=True)
+    pp = wrap_pipeline(pipe, "tiny-sdxl")
+    assert pp.family == "sdxl"
+    ours = sample_pretrained(pp, pp.encode_prompts(PROMPTS), pp.timesteps(4), seed=5, resolution=16)
+    ref = pipe(prompt=PROMPTS, num_inference_steps=4, guidance_scale=1.0, output_type="latent", height=16,
+               width=16, generator=torch.Generator().manual_seed(5)).images
+    assert _rel(ours, ref) < 1e-5
+
+
 def test_checkpointed_unroll_gives_the_same_gradients(pixart):
     """Per-step checkpointing through the diffusers transformer: gradients equal the stored-activation ones."""
     _, pp = pixart

@@ -73,6 +73,29 @@ def sd_pipeline(seed: int = 0, time_cond_proj_dim: int | None = None):
                                    feature_extractor=None, requires_safety_checker=False)
 
 
+def sdxl_pipeline(seed: int = 0):
+    """diffusers' own tiny SDXL test configuration: two CLIP encoders (32 + 32 → cross-attention 64), text_time
+    micro-conditions (pooled 32 + 6 × 8 time ids = 80)."""
+    from diffusers import LCMScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(block_out_channels=(8, 16), layers_per_block=1, sample_size=8, in_channels=4,
+                                out_channels=4, down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+                                up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), attention_head_dim=(2, 4),
+                                use_linear_projection=True, addition_embed_type="text_time",
+                                addition_time_embed_dim=8, transformer_layers_per_block=(1, 2),
+                                projection_class_embeddings_input_dim=80, cross_attention_dim=64, norm_num_groups=4)
+    config = dict(bos_token_id=0, eos_token_id=1, hidden_size=32, intermediate_size=37, layer_norm_eps=1e-05,
+                  num_attention_heads=4, num_hidden_layers=2, pad_token_id=0, vocab_size=len(WORDS) + 3,
+                  max_position_embeddings=16, hidden_act="gelu", projection_dim=32)
+    scheduler = LCMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, steps_offset=1)
+    return StableDiffusionXLPipeline(vae=vae().eval(), text_encoder=CLIPTextModel(CLIPTextConfig(**config)).eval(),
+                                     text_encoder_2=CLIPTextModelWithProjection(CLIPTextConfig(**config)).eval(),
+                                     tokenizer=tokenizer(12), tokenizer_2=tokenizer(12), unet=unet.eval(),
+                                     scheduler=scheduler)
+
+
 CAPTIONS = ["a red boot", "a blue shirt", "a black bag", "a white sneaker", "a striped dress", "a green coat"]
 
 

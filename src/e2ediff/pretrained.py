@@ -196,7 +196,8 @@ class PretrainedFinetuneTask(Task):
     def export(self, weights):
         prefix = "net.model."                                        # E2EUnroll.net (adapter) .model (diffusers)
         ema = {k[len(prefix):]: v for k, v in weights["net"].items() if k.startswith(prefix)}
-        write_outputs(self.pp, ema, self.cfg.pretrained, self.output_dir, self.sampler_meta(), str(self.cfg.init))
+        base = Path(self.cfg.init).resolve() if Path(self.cfg.init).exists() else self.cfg.init   # path or hub id
+        write_outputs(self.pp, ema, self.cfg.pretrained, self.output_dir, self.sampler_meta(), str(base))
         return None
 
 

@@ -24,7 +24,7 @@ class DiffusersAutoencoder(nn.Module):
     def encode_latents(self, images: Tensor) -> Tensor:
         """The posterior mode (deterministic: the target of the reconstruction loss), scaled."""
         dist = self.vae.encode(images.to(self.vae.dtype)).latent_dist
-        return (dist.mode() - self.shift_factor) * self.scaling_factor
+        return (dist.mode().float() - self.shift_factor) * self.scaling_factor      # float32 whatever the VAE's dtype
 
     def decode_latents(self, z: Tensor) -> Tensor:
-        return self.vae.decode((z / self.scaling_factor + self.shift_factor).to(self.vae.dtype)).sample
+        return self.vae.decode((z / self.scaling_factor + self.shift_factor).to(self.vae.dtype)).sample.float()

@@ -145,6 +145,9 @@ def wrap_pipeline(pipe, source: str = "", meta: dict | None = None, max_sequence
         net = PixArtNet(pipe.transformer, null.tokens[0], null.mask[0], ae.downsample)
     else:
         null = encode_sd_prompts(pipe, [""], device, sdxl=family == "sdxl")
+        if family == "sdxl" and pipe.config.get("force_zeros_for_empty_prompt", False):
+            # SDXL's unconditional branch is all zeros, not the embedding of "" (force_zeros_for_empty_prompt)
+            null = TextCond(torch.zeros_like(null.tokens), null.mask, torch.zeros_like(null.pooled))
         net = UNetNet(pipe.unet, null, ae.downsample, sdxl=family == "sdxl")
     return PretrainedPipeline(pipe, family, net, ae, schedule, PREDICTIONS[prediction],
                               float(lcm.config.timestep_scaling), source, dict(meta or {}), max_sequence_length)

@@ -7,7 +7,8 @@ Quirks that live here:
   LCM-LoRA UNets have no such input: `w` must then be None.
 - SDXL: the second text encoder's pooled embedding (`TextCond.pooled`) and the size/crop micro-conditions
   `time_ids = (H, W, 0, 0, H, W)` in pixels go into `added_cond_kwargs`.
-- the null caption is the text encoder's embedding of "" (the pipelines' negative prompt), a frozen buffer.
+- the null caption is the text encoder's embedding of "" (the pipelines' negative prompt; zeros for SDXL pipelines
+  with force_zeros_for_empty_prompt), a frozen buffer.
 """
 from __future__ import annotations
 
