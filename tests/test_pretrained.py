@@ -150,8 +150,8 @@ def _rank(rank, world, port, argv):
 
 
 def test_two_gloo_processes_equal_one_process_with_the_doubled_batch(folders, tmp_path):
-    """DDP (accelerator.prepare) over 2 CPU processes, 1 image each, = 1 process with both images; also the
-    resume on the other process count continues from the same state."""
+    """DDP (accelerator.prepare) over 2 CPU processes, 1 image each, = 1 process with both images; a run resumed on
+    the other process count continues the same run."""
     one, two = tmp_path / "one", tmp_path / "two"
     extra = ["--lora-rank", "2", "train.deterministic=false"]
     finetune(folders, "pixart", one, *extra)
@@ -162,6 +162,15 @@ def test_two_gloo_processes_equal_one_process_with_the_doubled_batch(folders, tm
     for k in a:
         if k.startswith(("net/", "ema/")):
             torch.testing.assert_close(b[k], a[k], rtol=1e-5, atol=1e-6, msg=k)
+    # step 1 on two processes, step 2 resumed on one: the same run
+    mixed = tmp_path / "mixed"
+    mp.start_processes(_rank, args=(2, _free_port(), finetune_argv(folders, "pixart", mixed, *extra, "train.steps=1")),
+                       nprocs=2, join=True, start_method="fork")
+    finetune(folders, "pixart", mixed, *extra)
+    c = checkpoint_tensors(mixed, 2)
+    for k in a:
+        if k.startswith(("net/", "ema/")):
+            torch.testing.assert_close(c[k], a[k], rtol=1e-5, atol=1e-6, msg=k)
 
 
 def test_cached_latents_train_exactly_as_live_encoding(folders, tmp_path):

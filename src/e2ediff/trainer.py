@@ -236,6 +236,9 @@ def train(task: Task, cfg: TrainConfig, run_dir: Path, run_config: Any, command:
         accelerator = Accelerator(cpu=device.type == "cpu",
                                   mixed_precision=None if cfg.mixed_precision == "auto" else cfg.mixed_precision)
     main = accelerator.is_main_process
+    if accelerator.distributed_type.name == "FSDP":
+        raise ValueError("FSDP is not supported by the training loop yet (checkpoints, EMA and exports assume whole "
+                         "tensors on every process); use DDP (accelerate launch without an FSDP config)")
     if main and accelerator.mixed_precision != "no":
         print(f"mixed precision: {accelerator.mixed_precision}", file=sys.stderr)
     if accelerator.device.type == "cuda":  # TF32 matmuls: ~3e-4 relative, fine for training, much faster
