@@ -196,11 +196,9 @@ def cmd_train(args) -> None:
         cfg = _resolve_run(args, PRESETS)
         task = PretrainTask(cfg, _device(cfg.train.device))
     elif getattr(args, "pretrained", None) is not None:
-        from e2ediff.pretrained import PRESETS, PretrainedFinetuneTask, cli_overrides
+        from e2ediff.pretrained import finetune_command
 
-        args.overrides = [*cli_overrides(args), *args.overrides]
-        cfg = _resolve_run(args, PRESETS)
-        task = PretrainedFinetuneTask(cfg, _device(cfg.train.device), args.run_dir)
+        return finetune_command(args, _resolve_run, _device)
     elif args.command == "distill":
         from e2ediff.distill import PRESETS, DistillTask
 
@@ -213,8 +211,7 @@ def cmd_train(args) -> None:
         task = FinetuneTask(cfg, _device(cfg.train.device))
     train(task, cfg.train, args.run_dir, cfg, args.command)
     if int(os.environ.get("RANK", 0)) == 0:
-        made = "outputs (pipeline/, lora/)" if getattr(args, "pretrained", None) else "model"
-        print(f"{args.command}: {made} -> {args.run_dir / ('' if getattr(args, 'pretrained', None) else 'model.safetensors')}")
+        print(f"{args.command}: model -> {args.run_dir / 'model.safetensors'}")
 
 
 def cmd_sample(args) -> None:

@@ -307,6 +307,20 @@ def cli_overrides(args) -> list[str]:
     return out
 
 
+def finetune_command(args, resolve_run, resolve_device) -> None:
+    """`e2ediff finetune --pretrained ...`: resolve the config (preset → YAML → these options → overrides), train."""
+    from e2ediff.trainer import train
+
+    args.overrides = [*cli_overrides(args), *args.overrides]
+    cfg = resolve_run(args, PRESETS)
+    task = PretrainedFinetuneTask(cfg, resolve_device(cfg.train.device), args.run_dir)
+    train(task, cfg.train, args.run_dir, cfg, args.command)
+    if int(os.environ.get("RANK", 0)) == 0:
+        made = "pipeline/" if cfg.pretrained.lora_rank == 0 else "lora/" + (" pipeline_merged/" if
+                                                                            cfg.pretrained.merge_lora else "")
+        print(f"{args.command}: {made} in {args.run_dir}")
+
+
 def add_finetune_args(p) -> None:
     p.add_argument("--pretrained", help="diffusers pipeline folder or hub id (PixArt-α/δ, SD, SDXL), or an e2ediff "
                    "export; the run fine-tunes its transformer / UNet (same as init=...)")
