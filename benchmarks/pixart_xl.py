@@ -14,14 +14,16 @@ Rows (each measured in this one process, so every ratio compares two measurement
   memory     peak `max_memory_allocated` of an E2E step at K = 1 and K = 8 (checkpointed), full and LoRA
   mfu        model FLOPs counted by FlopCounterMode in a SEPARATE pass at batch 2 without checkpointing (the counter
              defeats checkpointing; its memory is never reported), scaled to the batch, / time / peak FLOP/s
-  sampling   4-step LCM sampling, latents out, no grad: the project's `samplers.lcm` vs diffusers'
-             `PixArtAlphaPipeline(prompt_embeds=…, output_type="latent")` on the same transformer and batch
+  sampling   4-step LCM sampling, latents out, no grad: the project's `samplers.lcm` (compiled with --compile, and
+             eager) vs diffusers' `PixArtAlphaPipeline(prompt_embeds=…, output_type="latent")` on the same (eager)
+             transformer and batch; both speed-ups are reported
 Every row is written to --out as soon as it is measured; rows that would start after --budget-s are skipped and
 listed under "skipped".
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import statistics
 import sys
@@ -52,6 +54,17 @@ def build_transformer(size: dict, latent: int, device, weights_dtype):
                                      norm_type="ada_norm_single", norm_elementwise_affine=False, norm_eps=1e-6,
                                      use_additional_conditions=False, **size)
     return model.to(device=device, dtype=weights_dtype)
+
+
+@contextlib.contextmanager
+def eager(model):
+    """Run a `Module.compile`d model eagerly inside the block (same weights, no compiled graph)."""
+    saved = getattr(model, "_compiled_call_impl", None)
+    model._compiled_call_impl = None
+    try:
+        yield
+    finally:
+        model._compiled_call_impl = saved
 
 
 class Bench:
@@ -262,9 +275,14 @@ class Bench:
                  num_inference_steps=4, guidance_scale=1.0, height=size, width=size, output_type="latent",
                  use_resolution_binning=False, generator=torch.Generator(device=self.device).manual_seed(i))
 
-        t_ours, t_theirs = self.timed(ours), self.timed(theirs)
+        t_ours = self.timed(ours)
+        with eager(model):                               # the pipeline as users run it: an uncompiled transformer
+            t_theirs = self.timed(theirs)
+            t_ours_eager = self.timed(ours) if self.args.compile else t_ours
         self.model.to(self.weights_dtype)
-        return {"ours_s": t_ours, "diffusers_pipeline_s": t_theirs, "speedup": t_theirs / t_ours,
+        return {"ours_s": t_ours, "ours_compiled": self.args.compile, "ours_eager_s": t_ours_eager,
+                "diffusers_pipeline_eager_s": t_theirs, "speedup": t_theirs / t_ours,
+                "speedup_eager_vs_eager": t_theirs / t_ours_eager,
                 "images_per_s_ours": b / t_ours, "images_per_s_pipeline": b / t_theirs}
 
 
