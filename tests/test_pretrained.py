@@ -177,7 +177,7 @@ def test_cached_latents_train_exactly_as_live_encoding(folders, tmp_path):
     live, cached = tmp_path / "live", tmp_path / "cached"
     finetune(folders, "pixart", live, "--lora-rank", "2", "train.steps=1")
     finetune(folders, "pixart", cached, "--lora-rank", "2", "train.steps=1", "pretrained.cache_latents=true")
-    assert list((cached / "cache").glob("latents-*.safetensors"))
+    assert list((cached / "cache").glob("latents-*/000000.safetensors"))
     a, b = checkpoint_tensors(live, 1), checkpoint_tensors(cached, 1)
     for k in a:
         if k.startswith(("net/", "ema/")):
@@ -195,15 +195,27 @@ def test_caption_cache_holds_the_pipelines_features_and_is_reused(folders, tmp_p
         calls.append(list(captions))
         return pp.encode_prompts(captions)
 
-    first = caption_cache(encode, td.CAPTIONS, pp.text_encoder_key(), tmp_path)
-    again = caption_cache(encode, td.CAPTIONS, pp.text_encoder_key(), tmp_path)
-    assert len(calls) == 1 and torch.equal(first.tokens, again.tokens) and torch.equal(first.mask, again.mask)
+    rows = torch.tensor([4, 0, 2])
+    first = caption_cache(encode, td.CAPTIONS, pp.text_encoder_key(), tmp_path, batch_size=4)[rows]
+    again = caption_cache(encode, td.CAPTIONS, pp.text_encoder_key(), tmp_path)[rows]
+    assert len(calls) == 2 and torch.equal(first.tokens, again.tokens) and torch.equal(first.mask, again.mask)
     tokens, mask, _, _ = pp.pipe.encode_prompt(td.CAPTIONS, do_classifier_free_guidance=False, device="cpu",
                                                clean_caption=False, max_sequence_length=120)
-    torch.testing.assert_close(again.tokens, tokens, rtol=0, atol=0)
-    assert torch.equal(again.mask, mask.bool())
+    torch.testing.assert_close(again.tokens, tokens[rows], rtol=0, atol=0)
+    assert torch.equal(again.mask, mask[rows].bool())
     caption_cache(encode, td.CAPTIONS, pp.text_encoder_key() + "another encoder", tmp_path)
-    assert len(calls) == 2                                     # another encoder: another key, not a stale cache
+    assert len(calls) == 3                                     # another encoder: another key, not a stale cache
+
+
+def test_row_store_reads_rows_across_shards(tmp_path):
+    from e2ediff.data.imagefolder import RowStore
+
+    data = torch.randn(10, 3, 2)
+    store = RowStore.write(tmp_path / "store", ({"x": data[s:s + 3]} for s in range(0, 10, 3)), shard_rows=4)
+    assert len(store) == 10 and len(list((tmp_path / "store").glob("*.safetensors"))) == 3
+    assert torch.equal(store.rows("x", [9, 0, 5, 4]), data[[9, 0, 5, 4]])
+    with pytest.raises(IndexError):
+        store.rows("x", [10])
 
 
 def test_imagefolder_resizes_crops_and_names_bad_records(folders, tmp_path):

@@ -138,7 +138,7 @@ class PretrainedFinetuneTask(Task):
             self.latents = latent_cache(ae.encode_latents, self.data, vae_key + str(self.pp.source), cache_dir,
                                         device)
         c, h, _ = self.pp.latent_shape(pc.resolution)
-        self.objective = E2EObjective(cfg.loss, ae, text_dim=self.captions.tokens.shape[-1], latent_channels=c,
+        self.objective = E2EObjective(cfg.loss, ae, text_dim=self.captions.dim, latent_channels=c,
                                       latent_size=h, image_channels=3, image_size=pc.resolution).to(device)
         unroll = E2EUnroll(self.pp.net, ae, self.pp.schedule, self.pp.prediction, self.timesteps,
                            m=cfg.samples_per_caption, renoise=cfg.renoise, w=self.w, checkpoint=cfg.checkpointing,

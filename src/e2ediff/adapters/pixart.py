@@ -66,4 +66,4 @@ def encode_pixart_prompts(pipe, prompts: list[str], device, max_sequence_length:
                                             max_sequence_length=max_sequence_length)
     m = mask.to(tokens.dtype)[..., None]
     pooled = (tokens * m).sum(1) / m.sum(1).clamp_min(1)
-    return TextCond(tokens.float(), mask.bool(), pooled.float())
+    return TextCond(tokens, mask.bool(), pooled)          # the text encoder's dtype (a cache stores it as is)

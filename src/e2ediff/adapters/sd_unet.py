@@ -72,4 +72,4 @@ def encode_sd_prompts(pipe, prompts: list[str], device, sdxl: bool = False) -> T
         tokens, _ = pipe.encode_prompt(prompts, device, 1, False)
         pooled = tokens.mean(1)
     mask = torch.ones(tokens.shape[:2], dtype=torch.bool, device=tokens.device)
-    return TextCond(tokens.float(), mask, pooled.float())
+    return TextCond(tokens, mask, pooled)                 # the text encoder's dtype (a cache stores it as is)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -92,45 +93,138 @@ class ImageFolderCaptions:
         return json.dumps([str(self.root.resolve()), self.resolution, self.center_crop, stats])
 
 
+class RowStore:
+    """Tensors with one row per item in safetensors shards of `shard_rows` rows (`index.json`, written last, marks a
+    complete store); rows are read on demand through memory-mapped files, so a cache larger than memory works."""
+
+    def __init__(self, folder: Path):
+        self.folder = Path(folder)
+        self.index = json.loads((self.folder / "index.json").read_text())
+        self._files: dict[int, object] = {}
+
+    def __len__(self) -> int:
+        return int(self.index["rows"])
+
+    @staticmethod
+    def complete(folder: Path) -> bool:
+        return (Path(folder) / "index.json").is_file()
+
+    @staticmethod
+    def write(folder: Path, batches, shard_rows: int = 1024) -> "RowStore":
+        """Write the rows of `batches` (an iterable of {name: [b, ...] tensors}) in order, shard by shard."""
+        import shutil
+
+        from safetensors.torch import save_file
+
+        folder = Path(folder)
+        tmp = folder.with_name(f"{folder.name}.tmp{os.getpid()}")   # per process: several may build it at once
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        tmp.mkdir(parents=True)
+        pending: dict[str, list[Tensor]] = {}
+        count = shard = 0
+
+        def flush(rows: int) -> None:
+            nonlocal shard
+            merged = {k: torch.cat(v) for k, v in pending.items()}
+            save_file({k: v[:rows].cpu().contiguous() for k, v in merged.items()}, str(tmp / f"{shard:06d}.safetensors"))
+            for k, v in merged.items():
+                pending[k] = [v[rows:]]
+            shard += 1
+
+        for batch in batches:
+            for k, v in batch.items():
+                pending.setdefault(k, []).append(v.detach().cpu())
+            count += len(next(iter(batch.values())))
+            while sum(len(t) for t in next(iter(pending.values()))) >= shard_rows:
+                flush(shard_rows)
+        left = sum(len(t) for t in next(iter(pending.values()), []))
+        if left:
+            flush(left)
+        (tmp / "index.json").write_text(json.dumps({"rows": count, "shard_rows": shard_rows}) + "\n")
+        if folder.exists() and not RowStore.complete(folder):
+            shutil.rmtree(folder, ignore_errors=True)
+        try:
+            tmp.rename(folder)
+        except OSError:                                  # another process finished the same store first
+            shutil.rmtree(tmp)
+            if not RowStore.complete(folder):
+                raise
+        return RowStore(folder)
+
+    def _file(self, shard: int):
+        from safetensors import safe_open
+
+        if shard not in self._files:
+            self._files[shard] = safe_open(str(self.folder / f"{shard:06d}.safetensors"), framework="pt")
+        return self._files[shard]
+
+    def shape(self, name: str) -> list[int]:
+        return [len(self), *self._file(0).get_slice(name).get_shape()[1:]]
+
+    def rows(self, name: str, idx) -> Tensor:
+        per = int(self.index["shard_rows"])
+        out = []
+        for i in (int(i) for i in idx):
+            if not 0 <= i < len(self):
+                raise IndexError(f"row {i} outside the {len(self)} rows of {self.folder}")
+            out.append(self._file(i // per).get_slice(name)[i % per:i % per + 1])
+        return torch.cat(out)
+
+
+class CaptionFeatures:
+    """TextCond rows of a caption cache (float32 on read; stored in the text encoder's dtype)."""
+
+    def __init__(self, store: RowStore):
+        self.store = store
+        self.dim = store.shape("tokens")[-1]
+
+    def __len__(self) -> int:
+        return len(self.store)
+
+    def __getitem__(self, idx) -> TextCond:
+        s = self.store
+        return TextCond(s.rows("tokens", idx).float(), s.rows("mask", idx).bool(), s.rows("pooled", idx).float())
+
+
+class LatentRows:
+    def __init__(self, store: RowStore):
+        self.store = store
+
+    def __getitem__(self, idx) -> Tensor:
+        return self.store.rows("latents", idx).float()
+
+
 def _digest(*parts: str) -> str:
     return hashlib.sha256("\n\0".join(parts).encode()).hexdigest()[:16]
 
 
-def caption_cache(encode, captions: list[str], encoder_key: str, cache_dir: Path, batch_size: int = 64) -> TextCond:
-    """Features of `captions` by `encode(list[str]) -> TextCond`, read from / written to
-    cache_dir/captions-<hash(encoder_key, captions)>.safetensors."""
-    from safetensors.torch import load_file, save_file
-
-    path = Path(cache_dir) / f"captions-{_digest(encoder_key, *captions)}.safetensors"
-    if path.is_file():
-        t = load_file(str(path))
-        return TextCond(t["tokens"], t["mask"].bool(), t["pooled"])
-    parts = [encode(captions[s:s + batch_size]) for s in range(0, len(captions), batch_size)]
-    cond = TextCond.cat(parts)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    save_file({"tokens": cond.tokens.cpu().contiguous(), "mask": cond.mask.cpu().to(torch.uint8).contiguous(),
-               "pooled": cond.pooled.cpu().contiguous()}, str(tmp))
-    tmp.replace(path)
-    return TextCond(cond.tokens.cpu(), cond.mask.cpu(), cond.pooled.cpu())
+def caption_cache(encode, captions: list[str], encoder_key: str, cache_dir: Path, batch_size: int = 64
+                  ) -> CaptionFeatures:
+    """Features of `captions` by `encode(list[str]) -> TextCond`, in the store
+    cache_dir/captions-<hash(encoder_key, captions)>/ (built once, in batches; read row by row)."""
+    folder = Path(cache_dir) / f"captions-{_digest(encoder_key, *captions)}"
+    if not RowStore.complete(folder):
+        def batches():
+            for s in range(0, len(captions), batch_size):
+                c = encode(captions[s:s + batch_size])
+                yield {"tokens": c.tokens, "mask": c.mask.to(torch.uint8), "pooled": c.pooled}
+        RowStore.write(folder, batches())
+    return CaptionFeatures(RowStore(folder))
 
 
-@torch.no_grad()
 def latent_cache(encode, data: ImageFolderCaptions, vae_key: str, cache_dir: Path, device, batch_size: int = 16
-                 ) -> Tensor:
-    """z0 = encode(images) of every image (without flips), from / to cache_dir/latents-<hash>.safetensors."""
-    from safetensors.torch import load_file, save_file
-
+                 ) -> LatentRows:
+    """z0 = encode(images) of every image (without flips), in the store cache_dir/latents-<hash>/."""
     if data.random_flip:
         raise ValueError("cache_latents and random_flip exclude each other (a cached latent has no flip)")
-    path = Path(cache_dir) / f"latents-{_digest(vae_key, data.key())}.safetensors"
-    if path.is_file():
-        return load_file(str(path))["latents"]
-    idx = torch.arange(len(data))
-    z = torch.cat([encode(data.images(idx[s:s + batch_size]).to(device)).float().cpu()
-                   for s in range(0, len(data), batch_size)])
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    save_file({"latents": z.contiguous()}, str(tmp))
-    tmp.replace(path)
-    return z
+    folder = Path(cache_dir) / f"latents-{_digest(vae_key, data.key())}"
+    if not RowStore.complete(folder):
+        idx = torch.arange(len(data))
+
+        @torch.no_grad()
+        def batches():
+            for s in range(0, len(data), batch_size):
+                yield {"latents": encode(data.images(idx[s:s + batch_size]).to(device)).float()}
+        RowStore.write(folder, batches())
+    return LatentRows(RowStore(folder))
