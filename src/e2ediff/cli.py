@@ -49,9 +49,13 @@ def build_parser() -> argparse.ArgumentParser:
             _training_parser(sub, name, help, list(module.PRESETS))
         except ImportError:
             pass
+    from e2ediff.pretrained import add_finetune_args
+    add_finetune_args(sub.choices["finetune"])
 
     p = sub.add_parser("sample", help="sample images from a model file; writes a PNG grid and samples.npz")
-    p.add_argument("--checkpoint", type=Path, required=True, help="model.safetensors (or its run folder)")
+    p.add_argument("--checkpoint", type=Path, help="model.safetensors (or its run folder)")
+    p.add_argument("--pretrained", help="instead of --checkpoint: a diffusers pipeline folder / hub id or an "
+                   "e2ediff export (pipeline/, lora/); writes PNGs and latents.safetensors")
     p.add_argument("--output", type=Path, required=True, help="output folder")
     p.add_argument("--num-samples", type=int, default=100, help="balanced over the 10 classes unless --prompt")
     p.add_argument("--prompt", action="append", help="a prompt (repeatable); default: one per Fashion-MNIST class")
@@ -191,6 +195,10 @@ def cmd_train(args) -> None:
 
         cfg = _resolve_run(args, PRESETS)
         task = PretrainTask(cfg, _device(cfg.train.device))
+    elif getattr(args, "pretrained", None) is not None:
+        from e2ediff.pretrained import finetune_command
+
+        return finetune_command(args, _resolve_run, _device)
     elif args.command == "distill":
         from e2ediff.distill import PRESETS, DistillTask
 
@@ -214,6 +222,19 @@ def cmd_sample(args) -> None:
     if args.num_samples < 1:
         raise ValueError(f"--num-samples must be >= 1, got {args.num_samples}")
     device = _device(args.device)
+    if args.pretrained is not None:
+        from e2ediff.pretrained import sample_images
+
+        if not args.prompt:
+            raise ValueError("--pretrained needs at least one --prompt")
+        prompts = [args.prompt[i % len(args.prompt)] for i in range(max(args.num_samples, len(args.prompt)))]
+        timesteps = [int(t) for t in args.timesteps.split(",")] if args.timesteps else None
+        out = sample_images(args.pretrained, prompts, args.output, steps=args.steps, timesteps=timesteps, w=args.w,
+                            seed=args.seed, device=device)
+        print(f"{len(prompts)} samples -> {out}")
+        return
+    if args.checkpoint is None:
+        raise ValueError("sample needs --checkpoint (a model file) or --pretrained (a diffusers pipeline)")
     pipe = load_pipeline(args.checkpoint, device)
     spec = _sampler_spec(args, pipe.meta)
     if args.prompt:

@@ -74,7 +74,7 @@ class TrainConfig:
     checkpoint_every: int = 500          # steps between checkpoints (one is always written at the end)
     keep_last: int = 3                   # checkpoints kept; older ones are deleted after a newer one is complete
     device: str = "auto"                 # auto | cpu | cuda
-    mixed_precision: Literal["no", "fp16", "bf16"] = "no"
+    mixed_precision: Literal["auto", "no", "fp16", "bf16"] = "auto"  # auto: the accelerate launcher's / config's
     deterministic: bool = False          # torch.use_deterministic_algorithms (bit-exact resume on CPU)
     max_nonfinite: int = 10              # non-finite losses/gradients in a row that stop the run (after a checkpoint)
     progress: bool = True                # progress bar

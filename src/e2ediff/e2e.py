@@ -132,22 +132,28 @@ PRESETS = {
 
 
 def e2e_step(student: nn.Module, autoencoder: nn.Module, images: Tensor, cond: TextCond, *, timesteps: list[int],
-             m: int, generator: torch.Generator, renoise: str = "vp", w: float | Tensor | None = None,
-             checkpoint: bool = True, grad_from_step: int = 0) -> tuple[Tensor, Tensor]:
+             m: int, generator: torch.Generator | None, renoise: str = "vp", w: float | Tensor | None = None,
+             checkpoint: bool = True, grad_from_step: int = 0, timestep_scaling: float = 10.0,
+             z0: Tensor | None = None, z_T: Tensor | None = None, noises: list[Tensor] | None = None
+             ) -> tuple[Tensor, Tensor]:
     """E2EDiff Algorithm 1, one iteration's forward pass. Returns (z0 [B,...], ẑ0 [B·m,...], m outputs per image in a row).
 
     The loss on ẑ0 and the backward pass through every step are the caller's (``E2EObjective``, the training loop).
+    z0: the images' latents when already known (a latent cache); timestep_scaling: the LCM boundary's;
+    z_T, noises: the initial and the K − 1 re-noise draws when the caller draws them (else from `generator`).
     """
     from e2ediff.samplers import lcm
 
-    with torch.no_grad():
-        z0 = autoencoder.encode_latents(images)                     # z0 = E(x0)
+    if z0 is None:
+        with torch.no_grad():
+            z0 = autoencoder.encode_latents(images)                 # z0 = E(x0)
     cond_m = cond.repeat_interleave(m)                               # e_c = T(caption): cached MiniLM features
     shape = (len(images) * m, *z0.shape[1:])
-    gd = generator.device
-    z_T = torch.randn(shape, generator=generator, device=gd).to(z0)  # z_T ~ N(0, I): pure noise, not a noised z0
-    noises = [torch.randn(shape, generator=generator, device=gd).to(z0)   # fresh noise for every re-noise
-              for _ in range(len(timesteps) - 1)]
+    if z_T is None:
+        gd = generator.device
+        z_T = torch.randn(shape, generator=generator, device=gd).to(z0)  # z_T ~ N(0, I): pure noise, not a noised z0
+        noises = [torch.randn(shape, generator=generator, device=gd).to(z0)   # fresh noise for every re-noise
+                  for _ in range(len(timesteps) - 1)]
     if isinstance(w, Tensor):                                         # one guidance input per chain
         if w.shape != (shape[0],):
             raise ValueError(f"w has shape {tuple(w.shape)}; expected one value per chain ({shape[0]},)")
@@ -156,7 +162,7 @@ def e2e_step(student: nn.Module, autoencoder: nn.Module, images: Tensor, cond: T
         w_in = None if w is None else torch.full((shape[0],), float(w), device=z0.device)
     # for t = T..1: ẑ0 = G_θ(z_t, e_c, t) with LCM boundary terms; z_{t−1} = re-noise(ẑ0) — gradients through all
     z0_hat = lcm(student, z_T, timesteps, cond_m, renoise=renoise, noises=noises, w=w_in,
-                 checkpoint=checkpoint, grad_from_step=grad_from_step)
+                 checkpoint=checkpoint, grad_from_step=grad_from_step, timestep_scaling=timestep_scaling)
     return z0, z0_hat
 
 

@@ -13,12 +13,13 @@ class EMA:
     does not stay near the initial weights (without it, 0.999 keeps 37 % of the initialisation after 1000 steps).
     """
 
-    def __init__(self, model: nn.Module, decay: float, warmup: bool = True):
+    def __init__(self, model: nn.Module, decay: float, warmup: bool = True, trainable_only: bool = False):
         if not 0.0 <= decay < 1.0:
             raise ValueError(f"EMA decay must be in [0, 1), got {decay}")
         self.decay = decay
         self.warmup = warmup
-        self.shadow = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        self.trainable_only = trainable_only   # shadow only the parameters that train (LoRA: not the frozen base)
+        self.shadow = {k: v.detach().clone() for k, v in self._tensors(model)}
         self._params = {name for name, _ in model.named_parameters()}
 
     def decay_at(self, step: int | None) -> float:
@@ -31,7 +32,7 @@ class EMA:
         """One EMA step after optimizer step ``step`` (0-based; None: the plain decay)."""
         decay = self.decay_at(step)
         averaged, shadows, copied = [], [], []
-        for k, v in model.state_dict().items():
+        for k, v in self._tensors(model):
             s = self.shadow[k]
             if k in self._params and v.is_floating_point() and v.dtype == s.dtype:
                 averaged.append(v)
@@ -45,6 +46,11 @@ class EMA:
         for s, v in copied:
             s.copy_(v)
 
+    def _tensors(self, model: nn.Module):
+        if self.trainable_only:
+            return [(k, p.detach()) for k, p in model.named_parameters() if p.requires_grad]
+        return list(model.state_dict().items())
+
     def state_dict(self) -> dict[str, torch.Tensor]:
         return self.shadow
 
@@ -57,4 +63,4 @@ class EMA:
 
     @torch.no_grad()
     def copy_to(self, model: nn.Module) -> None:
-        model.load_state_dict(self.shadow)
+        model.load_state_dict(self.shadow, strict=not self.trainable_only)

@@ -45,6 +45,31 @@ class Part:
     module: nn.Module
     optim: OptimConfig
     ema_decay: float = 0.0
+    trainable_only: bool = False         # checkpoints and EMA hold the trainable parameters only (LoRA, frozen bases)
+    ddp: bool = False                    # several processes: DistributedDataParallel through accelerator.prepare
+                                         # (the module's forward must be the whole step: one call per backward)
+
+
+def part_state(part: Part, module: nn.Module) -> dict[str, torch.Tensor]:
+    """What a checkpoint holds of a part: its state dict, or only its trainable parameters."""
+    if not part.trainable_only:
+        return module.state_dict()
+    return {n: p.detach() for n, p in module.named_parameters() if p.requires_grad}
+
+
+def load_part_state(part: Part, module: nn.Module, tensors: dict[str, torch.Tensor], source: str) -> None:
+    if not part.trainable_only:
+        load_state_strict(module, tensors, source)
+        return
+    own = {n: p for n, p in module.named_parameters() if p.requires_grad}
+    missing, extra = sorted(set(own) - set(tensors)), sorted(set(tensors) - set(own))
+    shapes = [n for n in own if n in tensors and tensors[n].shape != own[n].shape]
+    if missing or extra or shapes:
+        raise CheckpointError(f"{source} does not fit the trainable parameters: missing {missing[:4]}, "
+                              f"unexpected {extra[:4]}, shape mismatch {shapes[:4]}")
+    with torch.no_grad():
+        for n, p in own.items():
+            p.copy_(tensors[n])
 
 
 class Task:
@@ -207,8 +232,15 @@ def train(task: Task, cfg: TrainConfig, run_dir: Path, run_config: Any, command:
         torch.use_deterministic_algorithms(True, warn_only=False)
     if accelerator is None:
         device = resolve_device(cfg.device)
-        accelerator = Accelerator(cpu=device.type == "cpu", mixed_precision=cfg.mixed_precision)
+        # "auto": what `accelerate launch --mixed_precision` / the accelerate config say (no when neither does)
+        accelerator = Accelerator(cpu=device.type == "cpu",
+                                  mixed_precision=None if cfg.mixed_precision == "auto" else cfg.mixed_precision)
     main = accelerator.is_main_process
+    if accelerator.distributed_type.name == "FSDP":
+        raise ValueError("FSDP is not supported by the training loop yet (checkpoints, EMA and exports assume whole "
+                         "tensors on every process); use DDP (accelerate launch without an FSDP config)")
+    if main and accelerator.mixed_precision != "no":
+        print(f"mixed precision: {accelerator.mixed_precision}", file=sys.stderr)
     if accelerator.device.type == "cuda":  # TF32 matmuls: ~3e-4 relative, fine for training, much faster
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
@@ -225,7 +257,7 @@ def train(task: Task, cfg: TrainConfig, run_dir: Path, run_config: Any, command:
                                                   weight_decay=o.weight_decay, fused=fused)
         schedulers[part.name] = torch.optim.lr_scheduler.LambdaLR(optimizers[part.name], _lr_lambda(o.warmup_steps))
         if part.ema_decay > 0:
-            emas[part.name] = EMA(part.module, part.ema_decay)
+            emas[part.name] = EMA(part.module, part.ema_decay, trainable_only=part.trainable_only)
 
     # Resume from the newest good checkpoint of this run folder.
     start = 0
@@ -242,7 +274,7 @@ def train(task: Task, cfg: TrainConfig, run_dir: Path, run_config: Any, command:
                                   f"use another --run-dir")
         for part in task.parts:
             try:
-                load_state_strict(part.module, split_prefix(tensors, f"{part.name}"), f"{path} ({part.name})")
+                load_part_state(part, part.module, split_prefix(tensors, f"{part.name}"), f"{path} ({part.name})")
             except CheckpointError as e:
                 raise CheckpointError(f"{e}; resume with the config the run was started with "
                                       f"({run_dir / 'config.yaml'}) or use another --run-dir") from None
@@ -265,7 +297,9 @@ def train(task: Task, cfg: TrainConfig, run_dir: Path, run_config: Any, command:
     if cfg.compile != "no":   # in place: parameter names, checkpoints and exports are unchanged
         for part in task.parts:
             part.module.compile(mode=None if cfg.compile == "default" else cfg.compile)
-    task._prepared = {p.name: p.module for p in task.parts}
+    # A part with ddp=True (one forward call per step that runs the whole unrolled sampler inside) is wrapped in DDP.
+    task._prepared = {p.name: accelerator.prepare_model(p.module) if p.ddp and accelerator.num_processes > 1
+                      else p.module for p in task.parts}
     prepared_opts = accelerator.prepare(*[optimizers[p.name] for p in task.parts])
     if len(task.parts) == 1:
         prepared_opts = [prepared_opts]
@@ -277,10 +311,11 @@ def train(task: Task, cfg: TrainConfig, run_dir: Path, run_config: Any, command:
             return
         tensors: dict[str, torch.Tensor] = {}
         meta: dict[str, Any] = {"kind": task.kind, "config": to_dict(run_config), "command": command,
-                                "optim": {}, "sched": {}}
+                                "optim": {}, "sched": {}, "mixed_precision": str(accelerator.mixed_precision),
+                                "num_processes": accelerator.num_processes}
         for part in task.parts:
             module = accelerator.unwrap_model(part.module)
-            tensors.update(with_prefix(module.state_dict(), part.name))
+            tensors.update(with_prefix(part_state(part, module), part.name))
             t, m = optimizer_state(optimizers[part.name], f"optim/{part.name}")
             tensors.update(t)
             meta["optim"][part.name] = m
@@ -332,7 +367,7 @@ def train(task: Task, cfg: TrainConfig, run_dir: Path, run_config: Any, command:
                     opt.zero_grad(set_to_none=True)
                     accelerator.backward(losses[part.name])
                     params = [p for g in optimizers[part.name].param_groups for p in g["params"]]
-                    if accelerator.num_processes > 1:
+                    if accelerator.num_processes > 1 and not part.ddp:   # DDP parts are averaged in backward
                         _average_gradients(params, accelerator.num_processes)
                     clip = part.optim.grad_clip if part.optim.grad_clip > 0 else math.inf
                     norm = accelerator.clip_grad_norm_(params, clip)

@@ -354,8 +354,10 @@ class LPIPS(nn.Module):
 
     @classmethod
     def from_local(cls, net: str, backbone_path: str | Path, heads_path: str | Path | None = None) -> "LPIPS":
-        """LPIPS from local files. net: 'vgg' | 'alex' (torchvision state dict) | 'fashion' (FashionFeatureNet.save).
+        """LPIPS from local files. net: 'vgg' | 'alex' (torchvision state dict; also named 'vgg16' | 'alexnet', as the
+        config's loss.lpips_backbone does) | 'fashion' (FashionFeatureNet.save).
         heads_path: lpips release heads (e.g. lpips/weights/v0.1/vgg.pth); None keeps the 1/C heads."""
+        net = {"vgg16": "vgg", "alexnet": "alex"}.get(net, net)
         if net == "vgg":
             backbone: nn.Module = VGG16Features()
             backbone.load_state_dict_from_file(backbone_path)
@@ -365,7 +367,7 @@ class LPIPS(nn.Module):
         elif net == "fashion":
             backbone = FashionFeatureNet.load(backbone_path)
         else:
-            raise ValueError(f"net = {net!r}; expected 'vgg', 'alex' or 'fashion'")
+            raise ValueError(f"net = {net!r}; expected 'vgg' (vgg16), 'alex' (alexnet) or 'fashion'")
         lp = cls(backbone)
         if heads_path is not None:
             lp.load_linear_heads(heads_path)

@@ -1,0 +1,145 @@
+"""diffusers pipelines through the adapters: our differentiable LCM sampler against the pipelines themselves.
+
+References: `PixArtAlphaPipeline` and `StableDiffusionPipeline` with `LCMScheduler`, run by diffusers on the same
+generator seed (our sampler draws the initial latents, then one noise per re-noised step, as the pipelines do), the
+pipelines' `vae.decode`, and peft's unmerged LoRA layers.
+"""
+import pytest
+import torch
+
+import tiny_diffusers as td
+from e2ediff.adapters.lora import add_lora, merge_lora
+from e2ediff.adapters.pipeline import sample_pretrained, wrap_pipeline
+from e2ediff.samplers import lcm
+
+PROMPTS = ["a red boot", "a blue shirt", "a black bag"]
+
+
+def _rel(a, b):
+    return float((a - b).abs().max() / b.abs().max())
+
+
+@pytest.fixture(scope="module")
+def pixart():
+    pipe = td.pixart_pipeline()
+    pipe.set_progress_bar_config(disable=True)
+    return pipe, wrap_pipeline(pipe, "tiny-pixart")
+
+
+@pytest.mark.parametrize("steps", [4, 1])
+def test_pixart_lcm_matches_pixart_alpha_pipeline(pixart, steps):
+    pipe, pp = pixart
+    assert pp.timesteps(4) == [999, 759, 499, 259]
+    ours = sample_pretrained(pp, pp.encode_prompts(PROMPTS), pp.timesteps(steps), seed=3)
+    ref = pipe(prompt=PROMPTS, num_inference_steps=steps, guidance_scale=1.0, output_type="latent", height=16,
+               width=16, generator=torch.Generator().manual_seed(3), clean_caption=False,
+               use_resolution_binning=False).images
+    assert _rel(ours, ref) < 1e-5
+    with torch.no_grad():
+        decoded = pp.autoencoder.decode_latents(ours)
+        assert _rel(decoded, pipe.vae.decode(ref / pipe.vae.config.scaling_factor).sample) < 1e-5
+
+
+def test_pixart_micro_conditions_follow_the_pipeline():
+    """A 1024-px style transformer (use_additional_conditions): resolution and aspect ratio in pixels."""
+    from diffusers.models.embeddings import PixArtAlphaCombinedTimestepSizeEmbeddings
+
+    pipe = td.pixart_pipeline(seed=1, heads=3)
+    inner = pipe.transformer.inner_dim
+    torch.manual_seed(5)
+    pipe.transformer.adaln_single.emb = PixArtAlphaCombinedTimestepSizeEmbeddings(inner, inner // 3,
+                                                                                 use_additional_conditions=True)
+    pipe.transformer.use_additional_conditions = True
+    pipe.transformer.register_to_config(sample_size=128)        # what the pipeline checks
+    pipe.set_progress_bar_config(disable=True)
+    pp = wrap_pipeline(pipe, "tiny-pixart-ms")
+    ours = sample_pretrained(pp, pp.encode_prompts(PROMPTS[:2]), pp.timesteps(2), seed=1, resolution=16)
+    ref = pipe(prompt=PROMPTS[:2], num_inference_steps=2, guidance_scale=1.0, output_type="latent", height=16,
+               width=16, generator=torch.Generator().manual_seed(1), clean_caption=False,
+               use_resolution_binning=False).images
+    assert _rel(ours, ref) < 1e-5
+
+
+@pytest.mark.parametrize("time_cond", [None, 8])
+def test_sd_lcm_matches_stable_diffusion_pipeline(time_cond):
+    """SD + LCMScheduler (an LCM-LoRA style UNet, no w input) and an LCM UNet that embeds w (guidance 8.5)."""
+    pipe = td.sd_pipeline(time_cond_proj_dim=time_cond)
+    pipe.set_progress_bar_config(disable=True)
+    pp = wrap_pipeline(pipe, "tiny-sd")
+    w = pp.default_w()
+    assert (w is None) == (time_cond is None)
+    ours = sample_pretrained(pp, pp.encode_prompts(PROMPTS), pp.timesteps(4), seed=7, w=w)
+    ref = pipe(prompt=PROMPTS, num_inference_steps=4, guidance_scale=w or 1.0, output_type="latent", height=16,
+               width=16, generator=torch.Generator().manual_seed(7)).images
+    assert _rel(ours, ref) < 1e-5
+    if time_cond:   # the w input matters: another scale gives another sample
+        other = sample_pretrained(pp, pp.encode_prompts(PROMPTS), pp.timesteps(4), seed=7, w=3.0)
+        assert _rel(other, ref) > 1e-3
+
+
+def test_sdxl_lcm_matches_stable_diffusion_xl_pipeline():
+    """SDXL: pooled text embeds of the second encoder and (H, W, 0, 0, H, W) time ids as the pipeline passes them."""
+    pipe = td.sdxl_pipeline()
+    pipe.set_progress_bar_config(disable=True)
+    pp = wrap_pipeline(pipe, "tiny-sdxl")
+    assert pp.family == "sdxl"
+    ours = sample_pretrained(pp, pp.encode_prompts(PROMPTS), pp.timesteps(4), seed=5, resolution=16)
+    ref = pipe(prompt=PROMPTS, num_inference_steps=4, guidance_scale=1.0, output_type="latent", height=16,
+               width=16, generator=torch.Generator().manual_seed(5)).images
+    assert _rel(ours, ref) < 1e-5
+
+
+def test_checkpointed_unroll_gives_the_same_gradients(pixart):
+    """Per-step checkpointing through the diffusers transformer: gradients equal the stored-activation ones."""
+    _, pp = pixart
+    cond = pp.encode_prompts(PROMPTS[:2])
+    noise = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    grads = []
+    for checkpoint in (False, True):
+        pp.trained.zero_grad(set_to_none=True)
+        pp.trained.requires_grad_(True)
+        out = lcm(pp.denoiser, noise, pp.timesteps(3), cond, generator=torch.Generator().manual_seed(1),
+                  checkpoint=checkpoint, timestep_scaling=pp.timestep_scaling)
+        out.square().mean().backward()
+        grads.append(torch.cat([p.grad.flatten() for p in pp.trained.parameters() if p.grad is not None]))
+    pp.trained.requires_grad_(False).zero_grad(set_to_none=True)
+    assert grads[0].abs().max() > 0
+    torch.testing.assert_close(grads[1], grads[0], rtol=1e-5, atol=1e-7)
+
+
+def test_null_caption_is_the_pipelines_negative_prompt(pixart):
+    """Dropped captions (CFG's unconditional branch) use the embedding of "" that the pipeline's CFG uses."""
+    pipe, pp = pixart
+    guidance = 3.0
+    from e2ediff.denoiser import guided
+
+    cond = pp.encode_prompts(PROMPTS[:2])
+    g = torch.Generator().manual_seed(2)
+    noise = torch.randn(2, 4, 8, 8, generator=g)
+    ours = lcm(guided(pp.denoiser, guidance), noise, pp.timesteps(2), cond, generator=g,
+               timestep_scaling=pp.timestep_scaling)
+    ref = pipe(prompt=PROMPTS[:2], negative_prompt="", num_inference_steps=2, guidance_scale=guidance,
+               output_type="latent", height=16, width=16, generator=torch.Generator().manual_seed(2),
+               clean_caption=False, use_resolution_binning=False).images
+    assert _rel(ours, ref) < 1e-5
+
+
+def test_merged_lora_equals_the_adapters():
+    pipe = td.pixart_pipeline(seed=2)
+    pp = wrap_pipeline(pipe, "tiny")
+    add_lora(pp.trained, rank=2)
+    trainable = [n for n, p in pp.trained.named_parameters() if p.requires_grad]
+    assert trainable and all("lora_" in n for n in trainable)
+    torch.manual_seed(0)
+    for n, p in pp.trained.named_parameters():
+        if "lora_B" in n:
+            p.data.normal_(0, 0.1)                     # B starts at zero: make the adapters do something
+    cond = pp.encode_prompts(PROMPTS[:2])
+    z = torch.randn(2, 4, 8, 8)
+    t = torch.full((2,), 499.0)
+    with torch.no_grad():
+        with_adapters = pp.net(z, t, cond)
+        merge_lora(pp.trained)
+        merged = pp.net(z, t, cond)
+    assert not any("lora_" in n for n, _ in pp.trained.named_parameters())
+    assert _rel(merged, with_adapters) < 1e-5

@@ -1,0 +1,249 @@
+"""`e2ediff finetune --pretrained` / `sample --pretrained` on tiny saved diffusers pipeline folders.
+
+References: diffusers itself — `DiffusionPipeline.from_pretrained` of the exported folder, `load_lora_weights` of the
+exported LoRA on the base pipeline, each sampled by the pipeline's own `__call__` with LCMScheduler on the same
+seed; a straight run for the resumed one; one process with the doubled batch for two gloo processes.
+"""
+import json
+import os
+import socket
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+from safetensors.torch import load_file
+
+import tiny_diffusers as td
+from e2ediff.checkpoint import load_checkpoint
+from e2ediff.cli import main
+
+PROMPTS = ["a red boot", "a blue shirt"]
+COMMON = ["--resolution", "16", "train.device=cpu", "train.progress=false", "train.deterministic=true",
+          "optim.lr=1e-2", "sampler_steps=2", "train.steps=2", "train.checkpoint_every=1", "train.keep_last=5",
+          "train.batch_size=2", "loss.l2=1.0"]
+
+
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory):
+    root = tmp_path_factory.mktemp("pretrained")
+    td.pixart_pipeline().save_pretrained(root / "pixart")
+    td.sd_pipeline().save_pretrained(root / "sd")
+    td.write_imagefolder(root / "data")
+    return root
+
+
+def finetune_argv(folders, base, run_dir, *extra):
+    options = [a for i, a in enumerate(extra) if a.startswith("--") or (i and extra[i - 1] == "--lora-rank")]
+    overrides = [a for a in extra if a not in options]
+    return ["finetune", "--pretrained", str(folders / base), "--train-data-dir", str(folders / "data"),
+            "--run-dir", str(run_dir), *options, *COMMON, *overrides]
+
+
+def finetune(folders, base, run_dir, *extra):
+    assert main(finetune_argv(folders, base, run_dir, *extra)) == 0
+
+
+def our_samples(source, out, steps=None):
+    argv = ["sample", "--pretrained", str(source), "--output", str(out), "--num-samples", str(len(PROMPTS)),
+            "--seed", "3", "--device", "cpu"] + sum((["--prompt", p] for p in PROMPTS), [])
+    if steps:
+        argv += ["--steps", str(steps)]
+    assert main(argv) == 0
+    assert (out / "000.png").is_file()
+    return load_file(str(out / "latents.safetensors"))["latents"]
+
+
+def pipeline_samples(pipe, steps=2):
+    pipe.set_progress_bar_config(disable=True)
+    kwargs = {"clean_caption": False, "use_resolution_binning": False} if hasattr(pipe, "transformer") else {}
+    return pipe(prompt=PROMPTS, num_inference_steps=steps, guidance_scale=1.0, output_type="latent", height=16,
+                width=16, generator=torch.Generator().manual_seed(3), **kwargs).images
+
+
+def rel(a, b):
+    return float((a - b).abs().max() / b.abs().max())
+
+
+def checkpoint_tensors(run_dir, step):
+    return load_checkpoint(run_dir / "checkpoints" / f"step_{step:08d}")[0]
+
+
+def test_full_finetune_exports_a_pipeline_folder_diffusers_loads(folders, tmp_path):
+    from diffusers import DiffusionPipeline, PixArtTransformer2DModel
+
+    run = tmp_path / "run"
+    finetune(folders, "pixart", run)
+    tensors = checkpoint_tensors(run, 2)
+    weights = [k for k in tensors if k.startswith("net/")]
+    n_transformer = len(dict(PixArtTransformer2DModel.from_pretrained(folders / "pixart" / "transformer")
+                             .named_parameters()))
+    assert len(weights) == n_transformer                      # the transformer only: no VAE, no T5
+    assert all(k.startswith("net/net.model.") for k in weights)
+    meta = json.loads((run / "pipeline" / "e2ediff.json").read_text())
+    assert meta["sampler"]["timesteps"] == [999, 499]
+    pipe = DiffusionPipeline.from_pretrained(run / "pipeline")
+    ref = pipeline_samples(pipe)
+    ours = our_samples(run / "pipeline", tmp_path / "ours")
+    assert rel(ours, ref) < 1e-5                               # our sampler = diffusers on the exported folder
+    original = pipeline_samples(DiffusionPipeline.from_pretrained(folders / "pixart"))
+    assert rel(ref, original) > 1e-3                           # and fine-tuning changed it
+
+
+def test_sd_lora_exports_weights_load_lora_weights_reads(folders, tmp_path):
+    from diffusers import DiffusionPipeline
+
+    run = tmp_path / "run"
+    finetune(folders, "sd", run, "--lora-rank", "2")
+    tensors = checkpoint_tensors(run, 2)
+    weights = [k for k in tensors if k.startswith("net/")]
+    assert weights and all("lora_" in k for k in weights)     # adapters only, never the frozen UNet
+    assert any(k.startswith("ema/net/") for k in tensors)
+    assert all("lora_" in k for k in tensors if k.startswith("ema/"))
+    pipe = DiffusionPipeline.from_pretrained(folders / "sd")
+    original = pipeline_samples(pipe)
+    pipe.load_lora_weights(run / "lora")
+    ref = pipeline_samples(pipe)
+    ours = our_samples(run / "lora", tmp_path / "ours")
+    assert rel(ours, ref) < 1e-5
+    assert rel(ref, original) > 1e-3
+
+
+def test_pixart_lora_and_its_merged_export_sample_alike(folders, tmp_path):
+    from diffusers import DiffusionPipeline
+
+    run = tmp_path / "run"
+    finetune(folders, "pixart", run, "--lora-rank", "2", "--merge-lora")
+    ours = our_samples(run / "lora", tmp_path / "ours")
+    merged = pipeline_samples(DiffusionPipeline.from_pretrained(run / "pipeline_merged"))
+    assert rel(ours, merged) < 1e-4
+    assert rel(merged, pipeline_samples(DiffusionPipeline.from_pretrained(folders / "pixart"))) > 1e-3
+
+
+def test_lora_resume_is_exact(folders, tmp_path):
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    finetune(folders, "pixart", straight, "--lora-rank", "2", "train.steps=3")
+    finetune(folders, "pixart", resumed, "--lora-rank", "2", "train.steps=1")
+    finetune(folders, "pixart", resumed, "--lora-rank", "2", "train.steps=3")
+    a, b = checkpoint_tensors(straight, 3), checkpoint_tensors(resumed, 3)
+    assert a.keys() == b.keys()
+    different = [k for k in a if not torch.equal(a[k], b[k])]
+    assert not different, different[:5]
+    la = load_file(str(straight / "lora" / "transformer_lora.safetensors"))
+    lb = load_file(str(resumed / "lora" / "transformer_lora.safetensors"))
+    assert all(torch.equal(la[k], lb[k]) for k in la)
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _rank(rank, world, port, argv):
+    os.environ.update({"RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(world),
+                       "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)})
+    torch.set_num_threads(1)
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(reset_partial_state=True)   # forked: forget the parent's one-process state
+    assert main(argv) == 0
+
+
+def test_two_gloo_processes_equal_one_process_with_the_doubled_batch(folders, tmp_path):
+    """DDP (accelerator.prepare) over 2 CPU processes, 1 image each, = 1 process with both images; a run resumed on
+    the other process count continues the same run."""
+    one, two = tmp_path / "one", tmp_path / "two"
+    extra = ["--lora-rank", "2", "train.deterministic=false"]
+    finetune(folders, "pixart", one, *extra)
+    argv = finetune_argv(folders, "pixart", two, *extra)
+    mp.start_processes(_rank, args=(2, _free_port(), argv), nprocs=2, join=True, start_method="fork")
+    a, b = checkpoint_tensors(one, 2), checkpoint_tensors(two, 2)
+    assert load_checkpoint(two / "checkpoints" / "step_00000002")[1]["num_processes"] == 2
+    for k in a:
+        if k.startswith(("net/", "ema/")):
+            torch.testing.assert_close(b[k], a[k], rtol=1e-5, atol=1e-6, msg=k)
+    # step 1 on two processes, step 2 resumed on one: the same run
+    mixed = tmp_path / "mixed"
+    mp.start_processes(_rank, args=(2, _free_port(), finetune_argv(folders, "pixart", mixed, *extra, "train.steps=1")),
+                       nprocs=2, join=True, start_method="fork")
+    finetune(folders, "pixart", mixed, *extra)
+    c = checkpoint_tensors(mixed, 2)
+    for k in a:
+        if k.startswith(("net/", "ema/")):
+            torch.testing.assert_close(c[k], a[k], rtol=1e-5, atol=1e-6, msg=k)
+
+
+def test_cached_latents_train_exactly_as_live_encoding(folders, tmp_path):
+    live, cached = tmp_path / "live", tmp_path / "cached"
+    finetune(folders, "pixart", live, "--lora-rank", "2", "train.steps=1")
+    finetune(folders, "pixart", cached, "--lora-rank", "2", "train.steps=1", "pretrained.cache_latents=true")
+    assert list((cached / "cache").glob("latents-*/000000.safetensors"))
+    a, b = checkpoint_tensors(live, 1), checkpoint_tensors(cached, 1)
+    for k in a:
+        if k.startswith(("net/", "ema/")):
+            torch.testing.assert_close(b[k], a[k], rtol=1e-6, atol=1e-7, msg=k)
+
+
+def test_caption_cache_holds_the_pipelines_features_and_is_reused(folders, tmp_path):
+    from e2ediff.adapters.pipeline import load_pretrained
+    from e2ediff.data.imagefolder import caption_cache
+
+    pp = load_pretrained(folders / "pixart")
+    calls = []
+
+    def encode(captions):
+        calls.append(list(captions))
+        return pp.encode_prompts(captions)
+
+    rows = torch.tensor([4, 0, 2])
+    first = caption_cache(encode, td.CAPTIONS, pp.text_encoder_key(), tmp_path, batch_size=4)[rows]
+    again = caption_cache(encode, td.CAPTIONS, pp.text_encoder_key(), tmp_path)[rows]
+    assert len(calls) == 2 and torch.equal(first.tokens, again.tokens) and torch.equal(first.mask, again.mask)
+    tokens, mask, _, _ = pp.pipe.encode_prompt(td.CAPTIONS, do_classifier_free_guidance=False, device="cpu",
+                                               clean_caption=False, max_sequence_length=120)
+    torch.testing.assert_close(again.tokens, tokens[rows], rtol=0, atol=0)
+    assert torch.equal(again.mask, mask[rows].bool())
+    caption_cache(encode, td.CAPTIONS, pp.text_encoder_key() + "another encoder", tmp_path)
+    assert len(calls) == 3                                     # another encoder: another key, not a stale cache
+
+
+def test_row_store_reads_rows_across_shards(tmp_path):
+    from e2ediff.data.imagefolder import RowStore
+
+    data = torch.randn(10, 3, 2)
+    store = RowStore.write(tmp_path / "store", ({"x": data[s:s + 3]} for s in range(0, 10, 3)), shard_rows=4)
+    assert len(store) == 10 and len(list((tmp_path / "store").glob("*.safetensors"))) == 3
+    assert torch.equal(store.rows("x", [9, 0, 5, 4]), data[[9, 0, 5, 4]])
+    with pytest.raises(IndexError):
+        store.rows("x", [10])
+
+
+def test_imagefolder_resizes_crops_and_names_bad_records(folders, tmp_path):
+    from e2ediff.data.imagefolder import ImageFolderCaptions
+
+    data = ImageFolderCaptions(folders / "data", resolution=16)
+    images = data.images(torch.arange(len(data)))
+    assert images.shape == (len(data), 3, 16, 16) and images.min() >= -1 and images.max() <= 1
+    assert data.captions[int(data.caption_index[1])] == td.CAPTIONS[1]
+    (tmp_path / "metadata.jsonl").write_text('{"file_name": "missing.png", "text": "a boot"}\n')
+    with pytest.raises(FileNotFoundError, match="metadata.jsonl:1"):
+        ImageFolderCaptions(tmp_path, resolution=16)
+
+
+@pytest.fixture
+def fresh_accelerate_state():
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    yield
+    AcceleratorState._reset_state(reset_partial_state=True)
+
+
+def test_the_launchers_mixed_precision_is_honoured(folders, tmp_path, monkeypatch, fresh_accelerate_state):
+    """`accelerate launch --mixed_precision bf16` sets ACCELERATE_MIXED_PRECISION; train.mixed_precision=auto uses it."""
+    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "bf16")
+    run = tmp_path / "run"
+    finetune(folders, "pixart", run, "--lora-rank", "2", "train.steps=1")
+    state = load_checkpoint(run / "checkpoints" / "step_00000001")[1]
+    assert state["mixed_precision"] == "bf16"
+    assert state["config"]["train"]["mixed_precision"] == "auto"
