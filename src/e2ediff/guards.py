@@ -259,7 +259,7 @@ def check_command(args) -> None:
     elif cmd == "demo":
         check_output_dir("--output", args.output, (), inputs)
     else:  # training commands
-        check_input("--config", get("config"))
+        check_input("--config", get("config"), must_exist=False)   # absent: load_yaml says so
         if args.run_dir.exists() and not args.run_dir.is_dir():
             _fail(f"--run-dir {args.run_dir} is {_kind(args.run_dir) if not args.run_dir.is_file() else 'a file'}; "
                   "expected a folder")
@@ -395,3 +395,8 @@ def describe_changes(changes: dict[str, tuple[Any, Any]], limit: int = 6) -> str
     parts = [f"{k}: {short(a, 40)} -> {short(b, 40)}" for k, (a, b) in list(changes.items())[:limit]]
     more = len(changes) - limit
     return "; ".join(parts) + (f"; and {more} more" if more > 0 else "")
+
+
+def clip(message: str, limit: int = 2000) -> str:
+    """An error line of at most ``limit`` characters."""
+    return message if len(message) <= limit else f"{message[:limit]}… ({len(message)} characters)"

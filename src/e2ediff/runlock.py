@@ -40,8 +40,10 @@ class RunLock:
     def __init__(self, run_dir: Path):
         self.path = Path(run_dir) / ".lock"
         self.fd: int | None = None
+        self.created = False
 
     def acquire(self) -> "RunLock":
+        self.created = not self.path.parent.exists()
         self.path.parent.mkdir(parents=True, exist_ok=True)
         while True:
             fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
@@ -76,9 +78,21 @@ class RunLock:
             pass
         os.close(self.fd)   # closing drops the flock
         self.fd = None
+        if self.created:    # a run that failed before writing anything leaves no empty run folder behind
+            try:
+                self.path.parent.rmdir()
+            except OSError:
+                pass
 
     def __enter__(self) -> "RunLock":
         return self.acquire()
 
     def __exit__(self, *exc) -> None:
         self.release()
+
+
+def run_lock(run_dir: Path):
+    """The lock of a training command: taken by the main process only (rank 0 under torchrun / accelerate)."""
+    from contextlib import nullcontext
+
+    return RunLock(run_dir) if int(os.environ.get("RANK", 0)) == 0 else nullcontext()
