@@ -133,7 +133,8 @@ PRESETS = {
 
 def e2e_step(student: nn.Module, autoencoder: nn.Module, images: Tensor, cond: TextCond, *, timesteps: list[int],
              m: int, generator: torch.Generator, renoise: str = "vp", w: float | Tensor | None = None,
-             checkpoint: bool = True, grad_from_step: int = 0) -> tuple[Tensor, Tensor]:
+             checkpoint: bool = True, grad_from_step: int = 0,
+             timestep_scaling: float = 10.0) -> tuple[Tensor, Tensor]:
     """E2EDiff Algorithm 1, one iteration's forward pass. Returns (z0 [B,...], ẑ0 [B·m,...], m outputs per image in a row).
 
     The loss on ẑ0 and the backward pass through every step are the caller's (``E2EObjective``, the training loop).
@@ -156,7 +157,7 @@ def e2e_step(student: nn.Module, autoencoder: nn.Module, images: Tensor, cond: T
         w_in = None if w is None else torch.full((shape[0],), float(w), device=z0.device)
     # for t = T..1: ẑ0 = G_θ(z_t, e_c, t) with LCM boundary terms; z_{t−1} = re-noise(ẑ0) — gradients through all
     z0_hat = lcm(student, z_T, timesteps, cond_m, renoise=renoise, noises=noises, w=w_in,
-                 checkpoint=checkpoint, grad_from_step=grad_from_step)
+                 checkpoint=checkpoint, grad_from_step=grad_from_step, timestep_scaling=timestep_scaling)
     return z0, z0_hat
 
 
@@ -311,6 +312,7 @@ class FinetuneTask(Task):
         self.mix = [schedule(k) for k in cfg.sampler_steps_mix] if cfg.sampler_steps_mix else None
         sampler = self.init.meta.get("sampler", {})
         self.w = cfg.w if cfg.w is not None else (sampler.get("w") if net.config.guidance_embed else None)
+        self.timestep_scaling = float(sampler.get("timestep_scaling", 10.0))   # the student's boundary terms
         if net.config.guidance_embed and self.w is None:
             raise ValueError(f"{cfg.init} embeds the guidance scale; set w=<scale>")
         if cfg.w_range is not None and not net.config.guidance_embed:
@@ -363,7 +365,8 @@ class FinetuneTask(Task):
         student = Denoiser(self.module("net"), self.schedule, self.prediction)
         z0, z0_hat = e2e_step(student, self.init.autoencoder, images, cond, timesteps=timesteps,
                               m=m, generator=generator, renoise=cfg.renoise, w=w,
-                              checkpoint=cfg.checkpointing, grad_from_step=cut)
+                              checkpoint=cfg.checkpointing, grad_from_step=cut,
+                              timestep_scaling=self.timestep_scaling)
         last = self.parts[0].module.final_layer.linear.weight if cfg.loss.gan_adaptive else None
         per_image, logs = self.objective(z0_hat, z0, images, cond, groups, m, last, bank)
         logs["sampler_steps"] = torch.tensor(float(k))
@@ -380,7 +383,7 @@ class FinetuneTask(Task):
         from e2ediff.assets import export_pipeline
 
         sampler = {"name": "lcm", "steps": len(self.timesteps), "timesteps": self.timesteps,
-                   "renoise": self.cfg.renoise, "w": self.w}
+                   "renoise": self.cfg.renoise, "w": self.w, "timestep_scaling": self.timestep_scaling}
         return export_pipeline("e2e", weights["net"], self.parts[0].module.config, self.init.autoencoder,
                                self.init.meta["schedule"], self.prediction, sampler, self.data.captions,
                                self.init.meta.get("text_encoder"), init=str(self.cfg.init))

@@ -16,7 +16,7 @@ import tempfile
 from pathlib import Path
 from typing import Any, Iterable
 
-MAX_SAMPLES = 1_000_000           # --num-samples (1e6 images of 28x28 = 0.8 GB as uint8)
+MAX_SAMPLES = 200_000             # --num-samples (noise, latents and images stay under ~2 GB)
 MAX_BATCH = 65_536                # --batch-size, train.batch_size
 MAX_SAMPLER_STEPS = 1000          # --steps of a sampler, length of --timesteps
 MAX_TRAIN_STEPS = 10**9

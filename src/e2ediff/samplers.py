@@ -119,13 +119,15 @@ def ddim(denoiser: nn.Module, noise: Tensor, timesteps: Sequence[int], cond: Tex
 
 def lcm(denoiser: nn.Module, noise: Tensor, timesteps: Sequence[int], cond: TextCond, *, renoise: str = "vp",
         generator: torch.Generator | None = None, noises: Sequence[Tensor] | None = None, w: Tensor | None = None,
-        boundary: bool = True, checkpoint: bool = False, grad_from_step: int = 0) -> Tensor:
+        boundary: bool = True, checkpoint: bool = False, grad_from_step: int = 0,
+        timestep_scaling: float = 10.0) -> Tensor:
     """LCM multistep sampling (E2EDiff Algorithm 1; diffusers LCMScheduler) from noise [B, ...]; returns the last
     step's `denoised` [B, ...].
 
     For each t_i (boundary=False uses denoised = x0):
         x0       = D(z, t_i)
-        denoised = c_skip(t_i)·z + c_out(t_i)·x0                               (lcm_boundary, timestep scaling 10)
+        denoised = c_skip(t_i)·z + c_out(t_i)·x0                               (lcm_boundary, `timestep_scaling`:
+                                                                               the student's, from its model file)
         if not the last step, re-noise to t_{i+1} with fresh ε_i:
           "vp": z = sqrt(ᾱ_{t_{i+1}})·denoised + sqrt(1 − ᾱ_{t_{i+1}})·ε_i        (diffusers LCMScheduler.step)
           "ve": the consistency-model form of Algorithm 1, z ← z + sqrt(τ² − σ_min²)·ε with σ_min = 0.
@@ -146,7 +148,8 @@ def lcm(denoiser: nn.Module, noise: Tensor, timesteps: Sequence[int], cond: Text
     step_noises = draw_noises(noise, len(steps) - 1, generator, noises, "lcm") + [None]
 
     def vp_step(z: Tensor, t: Tensor, t_prev: Tensor, eps: Tensor | None) -> Tensor:
-        denoised = consistency_fn(denoiser, z, t, cond, w) if boundary else denoiser(z, t, cond, w=w)
+        denoised = (consistency_fn(denoiser, z, t, cond, w, timestep_scaling=timestep_scaling) if boundary
+                    else denoiser(z, t, cond, w=w))
         if eps is None:
             return denoised
         a, s = schedule.alpha_sigma(t_prev, z.dtype, z.ndim)
@@ -156,7 +159,7 @@ def lcm(denoiser: nn.Module, noise: Tensor, timesteps: Sequence[int], cond: Text
         a, _ = schedule.alpha_sigma(t, y.dtype, y.ndim)
         denoised = denoiser(a * y, t, cond, w=w)             # the VP model sees z_t = sqrt(ᾱ_t)·y
         if boundary:
-            c_skip, c_out = lcm_boundary(t)
+            c_skip, c_out = lcm_boundary(t, timestep_scaling)
             denoised = broadcast_like(c_skip, y) * y + broadcast_like(c_out, y) * denoised
         if eps is None:
             return denoised
