@@ -155,9 +155,10 @@ def _same(a: Path, b: Path) -> bool:
         return False
 
 
-def _writable_ancestor(flag: str, path: Path) -> None:
-    """The nearest existing folder above ``path`` must be a folder we can create files in (probed, then removed)."""
-    ancestor = path.parent if path.parent != path else path
+def _writable_ancestor(flag: str, path: Path, folder: bool = False) -> None:
+    """The nearest existing folder at (``folder``) or above ``path`` must be a folder we can create files in (probed,
+    then removed)."""
+    ancestor = path if folder else path.parent
     while not ancestor.exists():
         ancestor = ancestor.parent
     if not ancestor.is_dir():
@@ -192,7 +193,7 @@ def check_output_dir(flag: str, path: Path | None, files: Iterable[str], inputs:
         _fail(f"{flag} {path} is {_kind(path) if not path.is_file() else 'a file'}; expected a folder")
     for name in files:
         check_output_file(flag, path / name, inputs)
-    _writable_ancestor(flag, path / "x")
+    _writable_ancestor(flag, path, folder=True)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -263,7 +264,7 @@ def check_command(args) -> None:
         if args.run_dir.exists() and not args.run_dir.is_dir():
             _fail(f"--run-dir {args.run_dir} is {_kind(args.run_dir) if not args.run_dir.is_file() else 'a file'}; "
                   "expected a folder")
-        _writable_ancestor("--run-dir", args.run_dir / "x")
+        _writable_ancestor("--run-dir", args.run_dir, folder=True)
 
 
 def _inside(path: Path, root: Path) -> bool:
@@ -388,7 +389,7 @@ def config_changes(saved: dict, current: dict) -> dict[str, tuple[Any, Any]]:
     """{dotted key: (checkpoint's value, current value)} for every key that differs, except RESUMABLE_KEYS."""
     old, new = flatten(saved), flatten(current)
     return {k: (old.get(k), new.get(k)) for k in sorted(set(old) | set(new))
-            if old.get(k) != new.get(k) and k not in RESUMABLE_KEYS}
+            if old.get(k) != new.get(k) and k not in RESUMABLE_KEYS and f"train.{k}" not in RESUMABLE_KEYS}
 
 
 def describe_changes(changes: dict[str, tuple[Any, Any]], limit: int = 6) -> str:
