@@ -490,3 +490,17 @@ def test_nondefault_timestep_scaling_is_recorded_and_used(fake_env, pipeline_fil
     # E2E fine-tuning of that student trains and exports with the same boundary terms.
     run_ok(capsys, *finetune_args(tmp_path / "e2e", model))
     assert read_model_meta(tmp_path / "e2e" / "model.safetensors")["sampler"]["timestep_scaling"] == 0.05
+
+
+def test_full_disk_is_one_line_and_leaves_nothing(pipeline_files, tmp_path):
+    """A write that the file system refuses half-way (here a file-size limit, as a full disk would): one line naming
+    the file, exit 2, no output and no temporary file left."""
+    out = tmp_path / "out.safetensors"
+    code = ("import resource, signal, sys; signal.signal(signal.SIGXFSZ, signal.SIG_IGN); "
+            "resource.setrlimit(resource.RLIMIT_FSIZE, (4096, 4096)); from e2ediff.cli import main; "
+            f"sys.exit(main(['convert', {str(pipeline_files['student'])!r}, {str(out)!r}]))")
+    proc = subprocess.run([sys.executable, "-c", code], env={**os.environ, "PYTHONPATH": str(SRC)},
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.strip() == f"error: {out}: File too large"
+    assert list(tmp_path.iterdir()) == []

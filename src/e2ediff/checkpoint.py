@@ -72,6 +72,10 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
+    except OSError as e:   # a full disk or a file-size limit: name the file the user asked for
+        if e.filename is None:
+            raise OSError(e.errno, e.strerror, str(path)) from None
+        raise
     finally:
         if tmp.exists():
             tmp.unlink()
@@ -191,8 +195,10 @@ def save_checkpoint(run_dir: Path, step: int, tensors: dict[str, torch.Tensor], 
             f.flush()
             os.fsync(f.fileno())
         _fsync_dir(tmp)
-    except BaseException:  # nothing half-written may stay behind (e.g. tensors that share memory, a full disk)
+    except BaseException as e:  # nothing half-written may stay behind (e.g. tensors that share memory, a full disk)
         shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(e, OSError) and e.filename is None:
+            raise OSError(e.errno, e.strerror, str(final)) from None
         raise
     if final.exists():  # re-saving the same step (e.g. a resumed run that stops at once)
         shutil.rmtree(final)
