@@ -17,15 +17,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from torch import nn
 
+import e2ediff
 from e2ediff.checkpoint import load_checkpoint, load_model_file, read_model_meta, save_model_file
 from e2ediff.cli import main
 from helpers import run_error, snapshot  # noqa: F401
 from helpers import (TINY_DATA, TINY_DIT, TINY_TRAIN, fake_env, fake_env_paths,  # noqa: F401
                      pipeline_files, restore_determinism)
 
-SRC = Path(__file__).resolve().parents[1] / "src"
+SRC = Path(e2ediff.__file__).resolve().parents[1]     # the sources under test, for the subprocesses
 
 
 def pretrain_args(run_dir: Path, autoencoder: Path, *extra: str) -> list[str]:
