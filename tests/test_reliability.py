@@ -435,9 +435,11 @@ def test_ctrl_c_during_start_up(tmp_path):
 
 
 def test_evaluate_scores_what_sample_writes_for_free_prompts(fake_env, pipeline_files, tmp_path, capsys):
-    out = tmp_path / "s"
+    from e2ediff.data.fashion_mnist import caption
+
+    out = tmp_path / "s"                     # captions of another template than the class prompts: labels are -1
     run_ok(capsys, "sample", "--checkpoint", pipeline_files["student"], "--output", out, "--num-samples", 12,
-           "--device", "cpu", "--prompt", "a photo of a sneaker", "--prompt", "an ankle boot")
+           "--device", "cpu", "--prompt", caption(7, 1), "--prompt", caption(9, 1))
     with np.load(out / "samples.npz") as f:
         assert (f["labels"] == -1).all()
     code = main(["evaluate", "--samples", str(out / "samples.npz"), "--device", "cpu",
