@@ -12,9 +12,12 @@ from __future__ import annotations
 
 import math
 import os
+import stat
 import tempfile
 from pathlib import Path
 from typing import Any, Iterable
+
+import torch
 
 MAX_SAMPLES = 200_000             # --num-samples (noise, latents and images stay under ~2 GB)
 MAX_BATCH = 65_536                # --batch-size, train.batch_size
@@ -69,8 +72,6 @@ def check_finite(flag: str, value: float | None) -> None:
 
 def check_device(flag: str, name: str) -> None:
     """auto | cpu | cuda | cuda:N; cuda only where a GPU is visible."""
-    import torch
-
     if name in ("auto", "cpu"):
         return
     if name != "cuda" and not (name.startswith("cuda:") and name[5:].isdigit()):
@@ -115,8 +116,6 @@ def check_prompts(flag: str, prompts: list[str] | None) -> None:
 
 
 def _kind(path: Path) -> str:
-    import stat
-
     mode = os.stat(path).st_mode
     for test, name in ((stat.S_ISFIFO, "a FIFO"), (stat.S_ISCHR, "a character device"),
                        (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket"), (stat.S_ISDIR, "a folder")):
@@ -209,7 +208,10 @@ def _model_file(path: Path | None) -> Path | None:
 def check_command(args) -> None:
     """Every flag of every command, before any work or write."""
     cmd = args.command
-    get = lambda name: getattr(args, name, None)  # noqa: E731
+
+    def get(name: str):
+        return getattr(args, name, None)
+
     sampling = cmd in ("sample", "evaluate")
     check_int("--num-samples", get("num_samples"), 10 if cmd == "demo" else 1, MAX_SAMPLES)
     check_int("--batch-size", get("batch_size"), 1, MAX_BATCH)
@@ -244,7 +246,7 @@ def check_command(args) -> None:
         if cmd == "evaluate":
             for name in ("model.safetensors", "config.json"):
                 check_input("--classifier", args.classifier / name, must_exist=False)
-                inputs["--classifier"] = args.classifier / "model.safetensors"
+            inputs["--classifier"] = args.classifier / "model.safetensors"
             check_output_file("--output", get("output"), inputs)
             check_output_dir("--save-samples", get("save_samples"), ("samples.npz", "grid.png"), inputs)
         else:
