@@ -202,7 +202,7 @@ def test_folder_without_captions_file(fake_env, tmp_path, capsys):
     ("renoise=vq", "config key renoise: 'vq' is not one of ['vp', 've']"),
     ("sampler_steps=0", "config value sampler_steps=0 is invalid: expected >= 1 (K)"),
     ("loss.l2=-1", "config value loss.l2=-1.0 is invalid: expected >= 0"),
-    ("train.batch_size=0", "config value train.batch_size=0 is invalid: expected >= 1"),
+    ("train.batch_size=0", "config value train.batch_size=0 is invalid: expected in [1, 65536]"),
     ("timesteps=[999,500]", "config value timesteps=(999, 500) is invalid: expected None or a list of "
                             "sampler_steps=4 timesteps"),
     ("train.steps", "override 'train.steps' is not of the form key.sub=value"),

@@ -31,7 +31,13 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load, load_file, safe_open, save, save_file
 
-FORMAT_VERSION = 1
+from e2ediff.guards import GuardError, check_model_meta
+
+FORMAT_VERSION = 2   # 2: state.json carries state_sha256, the sha256 of its own other fields
+
+# Fields of state.json every checkpoint holds, and those the training loop reads, with their JSON types.
+STATE_FIELDS = {"step": int, "tensors_sha256": str, "state_sha256": str}
+TRAINING_FIELDS = {**STATE_FIELDS, "kind": str, "config": dict, "optim": dict, "sched": dict, "rng": dict}
 
 
 class CheckpointError(RuntimeError):
@@ -66,6 +72,10 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
+    except OSError as e:   # a full disk or a file-size limit: name the file the user asked for
+        if e.filename is None:
+            raise OSError(e.errno, e.strerror, str(path)) from None
+        raise
     finally:
         if tmp.exists():
             tmp.unlink()
@@ -179,13 +189,16 @@ def save_checkpoint(run_dir: Path, step: int, tensors: dict[str, torch.Tensor], 
             os.fsync(f.fileno())
         state = {**state, "format_version": FORMAT_VERSION, "step": step,
                  "tensors_sha256": hashlib.sha256(blob).hexdigest(), "tensors_bytes": len(blob)}
+        state["state_sha256"] = state_sha256(state)
         with open(tmp / "state.json", "w") as f:
             json.dump(state, f, indent=1)
             f.flush()
             os.fsync(f.fileno())
         _fsync_dir(tmp)
-    except BaseException:  # nothing half-written may stay behind (e.g. tensors that share memory, a full disk)
+    except BaseException as e:  # nothing half-written may stay behind (e.g. tensors that share memory, a full disk)
         shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(e, OSError) and e.filename is None:
+            raise OSError(e.errno, e.strerror, str(final)) from None
         raise
     if final.exists():  # re-saving the same step (e.g. a resumed run that stops at once)
         shutil.rmtree(final)
@@ -197,7 +210,7 @@ def save_checkpoint(run_dir: Path, step: int, tensors: dict[str, torch.Tensor], 
     return final
 
 
-def load_checkpoint(path: Path) -> tuple[dict[str, torch.Tensor], dict]:
+def load_checkpoint(path: Path, required: dict[str, type] = STATE_FIELDS) -> tuple[dict[str, torch.Tensor], dict]:
     """Load and verify one checkpoint folder; raise CheckpointError naming the path if it is bad."""
     path = Path(path)
     tensors_path, state_path = path / "tensors.safetensors", path / "state.json"
@@ -207,6 +220,15 @@ def load_checkpoint(path: Path) -> tuple[dict[str, torch.Tensor], dict]:
         state = json.loads(state_path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise CheckpointError(f"checkpoint {state_path} is corrupt: {e}") from None
+    if not isinstance(state, dict):
+        raise CheckpointError(f"checkpoint {state_path} is corrupt: expected a JSON object")
+    for name, tp in required.items():
+        if not isinstance(state.get(name), tp) or isinstance(state.get(name), bool):
+            raise CheckpointError(f"checkpoint {state_path} is incomplete: field {name!r} is missing or not "
+                                  f"{tp.__name__}")
+    if state_sha256(state) != state["state_sha256"]:
+        raise CheckpointError(f"checkpoint {state_path} was edited or is corrupt: its sha256 does not match "
+                              f"state_sha256")
     expected = state.get("tensors_sha256")
     if expected is None or sha256_file(tensors_path) != expected:
         raise CheckpointError(f"checkpoint {tensors_path} is corrupt or truncated: sha256 does not match state.json")
@@ -217,8 +239,17 @@ def load_checkpoint(path: Path) -> tuple[dict[str, torch.Tensor], dict]:
     return tensors, state
 
 
-def latest_checkpoint(run_dir: Path) -> tuple[Path, dict[str, torch.Tensor], dict] | None:
-    """The newest checkpoint of a run that verifies, or None. A bad one is reported and skipped."""
+def state_sha256(state: dict) -> str:
+    """sha256 of a checkpoint's state.json fields (canonical JSON, sorted keys) other than ``state_sha256`` and
+    ``tensors_sha256`` (the tensors file's own check; it varies with safetensors' header order, see the docs)."""
+    rest = {k: v for k, v in state.items() if k not in ("state_sha256", "tensors_sha256")}
+    return hashlib.sha256(json.dumps(rest, sort_keys=True).encode()).hexdigest()
+
+
+def latest_checkpoint(run_dir: Path, required: dict[str, type] = STATE_FIELDS
+                      ) -> tuple[Path, dict[str, torch.Tensor], dict] | None:
+    """The newest checkpoint of a run that verifies and holds the ``required`` state fields, or None. A bad one is
+    reported and skipped."""
     root = checkpoint_dir(run_dir)
     if not root.is_dir():
         return None
@@ -231,7 +262,7 @@ def latest_checkpoint(run_dir: Path) -> tuple[Path, dict[str, torch.Tensor], dic
             candidates.insert(0, named)
     for path in candidates:
         try:
-            tensors, state = load_checkpoint(path)
+            tensors, state = load_checkpoint(path, required)
         except CheckpointError as e:
             warnings.warn(f"{e}; falling back to an earlier checkpoint", stacklevel=2)
             continue
@@ -255,6 +286,15 @@ def load_state_strict(module: torch.nn.Module, state_dict: dict[str, torch.Tenso
     extra = sorted(set(state_dict) - set(own))
     shapes = [f"{k}: file {tuple(state_dict[k].shape)} vs model {tuple(own[k].shape)}"
               for k in own if k in state_dict and own[k].shape != state_dict[k].shape]
+    # Weights that would load silently but compute garbage: NaN/inf values, integers or bools where floats belong.
+    for k, v in state_dict.items():
+        if k in own and own[k].is_floating_point():
+            if not v.is_floating_point():
+                raise CheckpointError(f"{source}: tensor {k!r} is {str(v.dtype).replace('torch.', '')}, "
+                                      f"expected a floating-point tensor")
+            if not bool(torch.isfinite(v).all()):
+                raise CheckpointError(f"{source}: tensor {k!r} holds {int((~torch.isfinite(v)).sum())} "
+                                      f"non-finite values (NaN/inf)")
     if missing or extra or shapes:
         parts = []
         if missing:
@@ -307,9 +347,13 @@ def read_model_meta(path: Path) -> dict:
     path = Path(path)
     meta = _read_metadata(path)
     try:
-        return json.loads(meta["e2ediff"])
+        parsed = json.loads(meta["e2ediff"])
+        check_model_meta(parsed)
     except json.JSONDecodeError as e:
         raise CheckpointError(f"model file {path} has corrupt e2ediff metadata: {e}") from None
+    except GuardError as e:
+        raise CheckpointError(f"model file {path} has malformed e2ediff metadata: {e}") from None
+    return parsed
 
 
 def load_model_file(path: Path) -> tuple[dict[str, torch.Tensor], dict]:
@@ -320,7 +364,10 @@ def load_model_file(path: Path) -> tuple[dict[str, torch.Tensor], dict]:
     meta = read_model_meta(path)
     try:
         blob = path.read_bytes()
-        if "e2ediff_sha256" in raw and _data_sha256(blob) != raw["e2ediff_sha256"]:
+        if "e2ediff_sha256" not in raw:
+            raise CheckpointError(f"model file {path} has no e2ediff_sha256 checksum in its metadata; refusing to load "
+                                  f"unverified weights")
+        if _data_sha256(blob) != raw["e2ediff_sha256"]:
             raise CheckpointError(f"model file {path} is corrupt or truncated: its tensor data does not match the "
                                   f"stored sha256")
         tensors = load(blob)

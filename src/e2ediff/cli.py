@@ -16,6 +16,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from e2ediff import guards
+from e2ediff.runlock import run_lock
+
 
 def _training_parser(sub, name: str, help: str, presets: list[str]) -> argparse.ArgumentParser:
     p = sub.add_parser(name, help=help, description=help)
@@ -26,6 +29,8 @@ def _training_parser(sub, name: str, help: str, presets: list[str]) -> argparse.
                    "(same as data.data_dir=...)")
     p.add_argument("--skip-bad-files", action="store_true", help="skip unreadable images with a counted warning "
                    "(same as data.skip_bad_files=true)")
+    p.add_argument("--allow-changed", action="store_true", help="resume with changed hyper-parameters: apply them "
+                   "and record the change in RUN/config_changes.jsonl (without it such a resume is refused)")
     p.add_argument("overrides", nargs="*", metavar="key.sub=value", help="dotted overrides, e.g. train.steps=100")
     return p
 
@@ -153,7 +158,7 @@ def cmd_encode_prompts(args) -> None:
 
 
 def _resolve_run(args, presets):
-    from e2ediff.config import resolve
+    from e2ediff.config import resolve, to_dict
 
     if getattr(args, "data_dir", None) is not None:
         args.overrides = [f"data.data_dir={args.data_dir}", *args.overrides]
@@ -161,6 +166,7 @@ def _resolve_run(args, presets):
         args.overrides = ["data.skip_bad_files=true", *args.overrides]
 
     cfg = resolve(presets[args.preset], args.config, args.overrides)
+    guards.check_run(to_dict(cfg), args.run_dir, args.config)
     # Module initialisation (a fresh DiT, the GAN discriminator) draws from torch's global RNG: seed it (and the
     # Python / NumPy RNGs a checkpoint also saves), so that a run killed before its first checkpoint restarts exactly.
     torch.manual_seed(cfg.train.seed)
@@ -178,7 +184,7 @@ def cmd_train(args) -> None:
         cfg = _resolve_run(args, PRESETS)
         device = _device(cfg.train.device)
         task = AutoencoderTask(cfg, device)
-        train(task, cfg.train, args.run_dir, cfg, args.command)
+        train(task, cfg.train, args.run_dir, cfg, args.command, allow_changed=args.allow_changed)
         from e2ediff.assets import TrainingData, load_autoencoder
 
         ae = load_autoencoder(args.run_dir / "model.safetensors").to(device)
@@ -209,7 +215,7 @@ def cmd_train(args) -> None:
 
         cfg = _resolve_run(args, PRESETS)
         task = FinetuneTask(cfg, _device(cfg.train.device))
-    train(task, cfg.train, args.run_dir, cfg, args.command)
+    train(task, cfg.train, args.run_dir, cfg, args.command, allow_changed=args.allow_changed)
     if int(os.environ.get("RANK", 0)) == 0:
         print(f"{args.command}: model -> {args.run_dir / 'model.safetensors'}")
 
@@ -274,10 +280,7 @@ def _sampler_spec(args, meta: dict):
             raise ValueError(f"--steps must be >= 1, got {args.steps}")
         spec.steps, spec.timesteps = args.steps, None
     if args.timesteps:
-        try:
-            spec.timesteps = tuple(int(t) for t in args.timesteps.split(","))
-        except ValueError:
-            raise ValueError(f"--timesteps {args.timesteps!r} is not a comma-separated list of integers") from None
+        spec.timesteps = guards.parse_timesteps("--timesteps", args.timesteps)
     if args.renoise:
         spec.renoise = args.renoise
     if args.guidance is not None:
@@ -378,6 +381,14 @@ def cmd_demo(args) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    try:
+        return _main(argv)
+    except KeyboardInterrupt:   # Ctrl-C anywhere, start-up included: one line, status 130
+        print("error: interrupted", file=sys.stderr)
+        return 130
+
+
+def _main(argv: list[str] | None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.command in ("evaluate", "train-classifier", "train-lpips", "demo") and args.data_dir is not None:
@@ -386,21 +397,26 @@ def main(argv: list[str] | None = None) -> int:
                 "train-classifier": cmd_train_classifier, "demo": cmd_demo, "convert": cmd_convert,
                 "train-lpips": cmd_train_lpips}
     try:
-        handlers.get(args.command, cmd_train)(args)
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
+        guards.check_command(args)   # every flag of every command, before any work or write
+        if args.command in handlers:
+            handlers[args.command](args)
+        else:
+            with run_lock(args.run_dir):   # one writer per run folder, for the run's lifetime
+                cmd_train(args)
     except Exception as e:
         from e2ediff.checkpoint import CheckpointError
         from e2ediff.config import ConfigError
+        from e2ediff.runlock import RunLocked
         from e2ediff.trainer import TrainingStopped
 
-        user_errors = (ConfigError, CheckpointError, FileNotFoundError, ValueError, ImportError, TrainingStopped)
+        user_errors = (ConfigError, CheckpointError, OSError, ValueError, ImportError, TrainingStopped, RunLocked)
         if os.environ.get("E2EDIFF_DEBUG") or not isinstance(e, user_errors):
             raise
-        # One line, even for messages that span several (a YAML parser's error with its context marks).
-        message = " ".join(line.strip() for line in str(e).splitlines() if line.strip())
-        print(f"error: {message}", file=sys.stderr)
+        if isinstance(e, OSError) and not isinstance(e, FileNotFoundError) and e.filename is not None:
+            message = f"{e.filename}: {e.strerror or e}"   # a full disk, a read-only folder: name the file
+        else:   # one line, even for messages that span several (a YAML parser's error with its context marks)
+            message = " ".join(line.strip() for line in str(e).splitlines() if line.strip())
+        print(f"error: {guards.clip(message)}", file=sys.stderr)
         return 2
     return 0
 

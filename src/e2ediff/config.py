@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import inspect
 import json
+import math
 import re
 import types
 import typing
@@ -18,6 +19,8 @@ from pathlib import Path
 from typing import Any, Literal, get_args, get_origin, get_type_hints
 
 import yaml
+
+from e2ediff.guards import MAX_BATCH, MAX_TRAIN_STEPS, bounded_yaml, clip, short
 
 
 class ConfigError(ValueError):
@@ -84,8 +87,8 @@ class TrainConfig:
                                          # trained networks in place (reduce-overhead: CUDA graphs, for small models)
 
     def validate(self) -> None:
-        _check(self.steps >= 1, "train.steps", self.steps, ">= 1")
-        _check(self.batch_size >= 1, "train.batch_size", self.batch_size, ">= 1")
+        _check(1 <= self.steps <= MAX_TRAIN_STEPS, "train.steps", self.steps, f"in [1, {MAX_TRAIN_STEPS}]")
+        _check(1 <= self.batch_size <= MAX_BATCH, "train.batch_size", self.batch_size, f"in [1, {MAX_BATCH}]")
         _check(0 <= self.ema_decay < 1, "train.ema_decay", self.ema_decay, "in [0, 1)")
         _check(self.log_every >= 1, "train.log_every", self.log_every, ">= 1")
         _check(self.checkpoint_every >= 1, "train.checkpoint_every", self.checkpoint_every, ">= 1")
@@ -101,7 +104,7 @@ class TrainConfig:
 
 def _check(ok: bool, key: str, value: Any, expected: str) -> None:
     if not ok:
-        raise ConfigError(f"config value {key}={value!r} is invalid: expected {expected}")
+        raise ConfigError(f"config value {key}={short(value)} is invalid: expected {expected}")
 
 
 def validate(cfg: Any, prefix: str = "") -> None:
@@ -145,14 +148,14 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
                 errors.append(str(e))
         if len(errors) == 1:  # X | None: the one arm's message is the precise one (e.g. names timesteps[1])
             raise ConfigError(errors[0])
-        raise ConfigError(f"config key {key}: {value!r} does not match {_type_name(tp)}")
+        raise ConfigError(f"config key {key}: {short(value)} does not match {_type_name(tp)}")
     if origin is Literal:
         if value not in get_args(tp):
-            raise ConfigError(f"config key {key}: {value!r} is not one of {list(get_args(tp))}")
+            raise ConfigError(f"config key {key}: {short(value)} is not one of {list(get_args(tp))}")
         return value
     if origin in (tuple, list):
         if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"config key {key}: expected a list, got {value!r}")
+            raise ConfigError(f"config key {key}: expected a list, got {short(value)}")
         args = get_args(tp)
         if origin is tuple and args and args[-1] is not Ellipsis:
             if len(args) != len(value):
@@ -164,25 +167,27 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         return tuple(items) if origin is tuple else items
     if tp is bool:
         if not isinstance(value, bool):
-            raise ConfigError(f"config key {key}: expected true/false, got {value!r}")
+            raise ConfigError(f"config key {key}: expected true/false, got {short(value)}")
         return value
     if tp is int:
         if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(f"config key {key}: expected an integer, got {value!r}")
+            raise ConfigError(f"config key {key}: expected an integer, got {short(value)}")
         return value
     if tp is float:
         if isinstance(value, str) and _FLOAT_RE.match(value.strip()):  # YAML 1.1 reads 1e-4 (no dot) as a string
             value = float(value)
         if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(f"config key {key}: expected a number, got {value!r}")
+            raise ConfigError(f"config key {key}: expected a number, got {short(value)}")
+        if not math.isfinite(value):   # inf / nan pass every `> 0` check below and train NaN weights
+            raise ConfigError(f"config key {key}: expected a finite number, got {value}")
         return float(value)
     if tp is str:
         if not isinstance(value, str):
-            raise ConfigError(f"config key {key}: expected a string, got {value!r}")
+            raise ConfigError(f"config key {key}: expected a string, got {short(value)}")
         return value
     if isinstance(tp, type) and is_dataclass(tp):
         if not isinstance(value, dict):
-            raise ConfigError(f"config key {key}: expected a mapping for section {tp.__name__}, got {value!r}")
+            raise ConfigError(f"config key {key}: expected a mapping for section {tp.__name__}, got {short(value)}")
         return merge(tp(), value, prefix=f"{key}.")
     raise ConfigError(f"config key {key}: unsupported type {tp!r}")
 
@@ -197,14 +202,14 @@ def _type_name(tp: Any) -> str:
 def merge(cfg: Any, updates: dict, prefix: str = "") -> Any:
     """Return a copy of dataclass ``cfg`` with ``updates`` (a nested dict) applied, type-checked key by key."""
     if not isinstance(updates, dict):
-        raise ConfigError(f"config section {prefix.rstrip('.') or 'root'}: expected a mapping, got {updates!r}")
+        raise ConfigError(f"config section {prefix.rstrip('.') or 'root'}: expected a mapping, got {short(updates)}")
     hints = get_type_hints(type(cfg))
     known = {f.name for f in fields(cfg)}
     changes = {}
     for name, value in updates.items():
         key = f"{prefix}{name}"
         if name not in known:
-            raise ConfigError(f"unknown config key {key!r}; known keys here: {sorted(known)}")
+            raise ConfigError(f"unknown config key {short(key)}; known keys here: {sorted(known)}")
         current = getattr(cfg, name)
         if is_dataclass(current) and isinstance(value, dict):
             changes[name] = merge(current, value, prefix=f"{key}.")
@@ -218,21 +223,21 @@ def parse_overrides(overrides: list[str]) -> dict:
     nested: dict = {}
     for item in overrides:
         if "=" not in item:
-            raise ConfigError(f"override {item!r} is not of the form key.sub=value")
+            raise ConfigError(f"override {short(item)} is not of the form key.sub=value")
         key, raw = item.split("=", 1)
         key = key.strip()
         if not key or any(not part for part in key.split(".")):
-            raise ConfigError(f"override {item!r} has an empty key")
+            raise ConfigError(f"override {short(item)} has an empty key")
         try:
-            value = yaml.safe_load(raw) if raw.strip() != "" else ""
+            value = bounded_yaml(yaml.safe_load(raw), f"override {short(key)}") if raw.strip() != "" else ""
         except yaml.YAMLError as e:
-            raise ConfigError(f"override {item!r}: cannot parse value: {e}") from None
+            raise ConfigError(f"override {short(item)}: cannot parse value: {e}") from None
         node = nested
         parts = key.split(".")
         for part in parts[:-1]:
             node = node.setdefault(part, {})
             if not isinstance(node, dict):
-                raise ConfigError(f"override {item!r} conflicts with another override of {part!r}")
+                raise ConfigError(f"override {short(item)} conflicts with another override of {short(part)}")
         node[parts[-1]] = value
     return nested
 
@@ -242,9 +247,11 @@ def load_yaml(path: str | Path) -> dict:
     if not path.is_file():
         raise ConfigError(f"config file {path} does not exist")
     try:
-        data = yaml.safe_load(path.read_text())
+        data = bounded_yaml(yaml.safe_load(path.read_text(encoding="utf-8")), f"config file {path}")
     except yaml.YAMLError as e:
-        raise ConfigError(f"config file {path}: not valid YAML: {e}") from None
+        raise ConfigError(f"config file {path}: not valid YAML: {clip(str(e), 600)}") from None
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"config file {path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
     if data is None:
         return {}
     if not isinstance(data, dict):

@@ -44,6 +44,7 @@ class DistillRun:
         _check(bool(self.teacher), "teacher", self.teacher, "the path of a teacher model file")
         _check(2 <= self.solver_steps <= 1000, "solver_steps", self.solver_steps, "in [2, 1000]")
         _check(self.huber_c > 0, "huber_c", self.huber_c, "> 0")
+        _check(self.timestep_scaling > 0, "timestep_scaling", self.timestep_scaling, "> 0")
         _check(0 <= self.target_ema < 1, "target_ema", self.target_ema, "in [0, 1)")
         _check(0 <= self.guidance_min <= self.guidance_max, "guidance_min/guidance_max",
                (self.guidance_min, self.guidance_max), "0 <= min <= max")
@@ -155,7 +156,8 @@ class DistillTask(Task):
 
         sampler = {"name": "lcm", "steps": self.cfg.sample_steps,
                    "timesteps": lcm_timesteps(self.cfg.sample_steps, self.cfg.solver_steps),
-                   "renoise": "vp", "w": self.cfg.sample_guidance if self.cfg.guidance_embed else None}
+                   "renoise": "vp", "w": self.cfg.sample_guidance if self.cfg.guidance_embed else None,
+                   "timestep_scaling": self.cfg.timestep_scaling}   # sampling must use the distilled boundary terms
         return export_pipeline("lcm", weights["net"], self.parts[0].module.config, self.teacher.autoencoder,
                                self.teacher.meta["schedule"], self.prediction, sampler, self.data.captions,
                                self.teacher.meta.get("text_encoder"), teacher=str(self.cfg.teacher))

@@ -317,6 +317,7 @@ class FinetuneTask(Task):
         self.mix = [schedule(k) for k in cfg.sampler_steps_mix] if cfg.sampler_steps_mix else None
         sampler = self.init.meta.get("sampler", {})
         self.w = cfg.w if cfg.w is not None else (sampler.get("w") if net.config.guidance_embed else None)
+        self.timestep_scaling = float(sampler.get("timestep_scaling", 10.0))   # the student's boundary terms
         if net.config.guidance_embed and self.w is None:
             raise ValueError(f"{cfg.init} embeds the guidance scale; set w=<scale>")
         if cfg.w_range is not None and not net.config.guidance_embed:
@@ -369,7 +370,8 @@ class FinetuneTask(Task):
         student = Denoiser(self.module("net"), self.schedule, self.prediction)
         z0, z0_hat = e2e_step(student, self.init.autoencoder, images, cond, timesteps=timesteps,
                               m=m, generator=generator, renoise=cfg.renoise, w=w,
-                              checkpoint=cfg.checkpointing, grad_from_step=cut)
+                              checkpoint=cfg.checkpointing, grad_from_step=cut,
+                              timestep_scaling=self.timestep_scaling)
         last = self.parts[0].module.final_layer.linear.weight if cfg.loss.gan_adaptive else None
         per_image, logs = self.objective(z0_hat, z0, images, cond, groups, m, last, bank)
         logs["sampler_steps"] = torch.tensor(float(k))
@@ -386,7 +388,7 @@ class FinetuneTask(Task):
         from e2ediff.assets import export_pipeline
 
         sampler = {"name": "lcm", "steps": len(self.timesteps), "timesteps": self.timesteps,
-                   "renoise": self.cfg.renoise, "w": self.w}
+                   "renoise": self.cfg.renoise, "w": self.w, "timestep_scaling": self.timestep_scaling}
         return export_pipeline("e2e", weights["net"], self.parts[0].module.config, self.init.autoencoder,
                                self.init.meta["schedule"], self.prediction, sampler, self.data.captions,
                                self.init.meta.get("text_encoder"), init=str(self.cfg.init))

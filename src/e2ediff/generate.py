@@ -22,6 +22,7 @@ class SamplerSpec:
     timesteps: tuple[int, ...] | None = None # explicit list (LCM default: diffusers' schedule for `steps`)
     renoise: str = "vp"                      # LCM re-noise form: vp | ve
     w: float | None = None                   # guidance-scale embedding input of an LCM student
+    timestep_scaling: float = 10.0           # LCM boundary terms c_skip, c_out: the value the student was distilled with
 
     @staticmethod
     def from_meta(meta: dict) -> "SamplerSpec":
@@ -80,7 +81,8 @@ def sample_latents(pipe, cond: TextCond, spec: SamplerSpec, noise: torch.Tensor,
         w = None
         if spec.w is not None:
             w = torch.full((len(noise),), float(spec.w), device=noise.device)
-        return lcm(pipe.denoiser, noise, timesteps, cond, renoise=spec.renoise, noises=step_noises, w=w)
+        return lcm(pipe.denoiser, noise, timesteps, cond, renoise=spec.renoise, noises=step_noises, w=w,
+                   timestep_scaling=spec.timestep_scaling)
     raise ValueError(f"sampler {spec.name!r} is not ddim or lcm")
 
 

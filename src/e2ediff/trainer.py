@@ -28,8 +28,9 @@ from torch import nn
 
 from e2ediff.checkpoint import (atomic_write_bytes, latest_checkpoint, load_optimizer_state, load_rng_state, load_state_strict,
                                 optimizer_state, rng_state, save_checkpoint, save_model_file, split_prefix,
-                                with_prefix, CheckpointError)
+                                with_prefix, CheckpointError, TRAINING_FIELDS)
 from e2ediff.config import OptimConfig, TrainConfig, dump_yaml, to_dict
+from e2ediff.guards import config_changes, describe_changes
 from e2ediff.ema import EMA
 
 
@@ -161,7 +162,7 @@ def resolve_device(name: str) -> torch.device:
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
     if name.startswith("cuda") and not torch.cuda.is_available():
-        raise RuntimeError(f"train.device={name} but no CUDA device is available")
+        raise ValueError(f"train.device={name} but no CUDA device is available")
     if name == "cuda" and "LOCAL_RANK" in os.environ:
         return torch.device(f"cuda:{int(os.environ['LOCAL_RANK'])}")
     return torch.device(name)
@@ -223,8 +224,11 @@ def _lr_lambda(warmup: int) -> Callable[[int], float]:
 
 
 def train(task: Task, cfg: TrainConfig, run_dir: Path, run_config: Any, command: str,
-          accelerator=None) -> dict[str, float]:
-    """Run (or resume) ``task`` up to ``cfg.steps`` optimizer steps. Returns the last logged values."""
+          accelerator=None, allow_changed: bool = False) -> dict[str, float]:
+    """Run (or resume) ``task`` up to ``cfg.steps`` optimizer steps. Returns the last logged values.
+
+    A resume whose config differs from the checkpoint's (beyond ``guards.RESUMABLE_KEYS``) is refused, or with
+    ``allow_changed`` applied (optimizer hyper-parameters included) and recorded in ``RUN/config_changes.jsonl``."""
     from accelerate import Accelerator
 
     run_dir = Path(run_dir)
@@ -260,8 +264,9 @@ def train(task: Task, cfg: TrainConfig, run_dir: Path, run_config: Any, command:
             emas[part.name] = EMA(part.module, part.ema_decay, trainable_only=part.trainable_only)
 
     # Resume from the newest good checkpoint of this run folder.
-    start = 0
-    found = latest_checkpoint(run_dir)
+    start = skipped = nonfinite = 0
+    changes: dict = {}
+    found = latest_checkpoint(run_dir, TRAINING_FIELDS)
     saved = sorted(p.name for p in (run_dir / "checkpoints").glob("step_*") if p.is_dir())
     if found is None and saved:   # starting over would let pruning delete the new checkpoints, not the bad ones
         raise CheckpointError(f"{run_dir / 'checkpoints'} holds {len(saved)} checkpoints ({saved[-1]} the newest) "
@@ -285,11 +290,30 @@ def train(task: Task, cfg: TrainConfig, run_dir: Path, run_config: Any, command:
         task.load_extra_tensors(split_prefix(tensors, "extra"))
         load_rng_state(tensors, state["rng"])
         start = int(state["step"])
+        skipped, nonfinite = int(state.get("skipped_steps", 0)), int(state.get("nonfinite_in_row", 0))
+        changes = config_changes(state["config"], json.loads(json.dumps(to_dict(run_config))))
+        if changes and not allow_changed:
+            raise CheckpointError(f"{run_dir} was started with another config ({describe_changes(changes)}); "
+                                  f"rerun with the config in {run_dir / 'config.yaml'}, or pass --allow-changed to "
+                                  f"apply the change from step {start} (recorded in config_changes.jsonl)")
+        if changes:   # the loaded optimizer and scheduler carry the old hyper-parameters: apply the new ones
+            for part in task.parts:
+                o, sched = part.optim, schedulers[part.name]
+                sched.base_lrs = [o.lr for _ in sched.base_lrs]
+                sched.lr_lambdas = [_lr_lambda(o.warmup_steps) for _ in sched.lr_lambdas]
+                for group in optimizers[part.name].param_groups:
+                    group.update(initial_lr=o.lr, lr=o.lr * _lr_lambda(o.warmup_steps)(sched.last_epoch),
+                                 betas=(o.beta1, o.beta2), eps=o.eps, weight_decay=o.weight_decay)
         if main:
             print(f"resumed from {path} at step {start}", file=sys.stderr)
     if main:  # only now: a run folder that cannot be resumed keeps the config it was started with
         run_dir.mkdir(parents=True, exist_ok=True)
         dump_yaml(run_config, run_dir / "config.yaml", command=command)
+        if changes:
+            with open(run_dir / "config_changes.jsonl", "a") as f:
+                f.write(json.dumps({"step": start, "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                                    "changes": {k: list(v) for k, v in changes.items()}}) + "\n")
+            print(f"resumed with changed config at step {start}: {describe_changes(changes)}", file=sys.stderr)
 
     # Modules are not wrapped in DistributedDataParallel: the unrolled sampler calls the same network K times before
     # one backward (and a GAN uses its discriminator twice), which DDP's reducer does not allow without a static
@@ -312,7 +336,8 @@ def train(task: Task, cfg: TrainConfig, run_dir: Path, run_config: Any, command:
         tensors: dict[str, torch.Tensor] = {}
         meta: dict[str, Any] = {"kind": task.kind, "config": to_dict(run_config), "command": command,
                                 "optim": {}, "sched": {}, "mixed_precision": str(accelerator.mixed_precision),
-                                "num_processes": accelerator.num_processes}
+                                "num_processes": accelerator.num_processes, "skipped_steps": skipped,
+                                "nonfinite_in_row": nonfinite}
         for part in task.parts:
             module = accelerator.unwrap_model(part.module)
             tensors.update(with_prefix(part_state(part, module), part.name))
@@ -327,7 +352,8 @@ def train(task: Task, cfg: TrainConfig, run_dir: Path, run_config: Any, command:
         tensors.update(rng_tensors)
         meta["rng"] = rng_meta
         save_checkpoint(run_dir, step, tensors, meta, keep_last=cfg.keep_last)
-        export_model(step)
+        if skipped < step:   # a model that no step ever updated is not exported
+            export_model(step)
         # The export may draw from the global RNGs (e.g. building a module); a resumed run restarts from the state
         # saved above, so the uninterrupted run must continue from that same state.
         load_rng_state(rng_tensors, rng_meta)
@@ -346,7 +372,6 @@ def train(task: Task, cfg: TrainConfig, run_dir: Path, run_config: Any, command:
 
     log = MetricsLog(run_dir, start, main)
     last: dict[str, float] = {}
-    nonfinite = 0
     t0 = time.perf_counter()
     progress = None
     if cfg.progress and main and start < cfg.steps:
@@ -386,6 +411,7 @@ def train(task: Task, cfg: TrainConfig, run_dir: Path, run_config: Any, command:
                 task.after_step(step)
             else:
                 nonfinite += 1
+                skipped += 1
                 for opt in opts.values():
                     opt.zero_grad(set_to_none=True)
                 warnings.warn(f"step {step + 1}: non-finite loss or gradient "
@@ -412,6 +438,9 @@ def train(task: Task, cfg: TrainConfig, run_dir: Path, run_config: Any, command:
                 progress.update(1)
             if done % cfg.checkpoint_every == 0 or done == cfg.steps:
                 write_checkpoint(done)
+        if 0 < max(start, cfg.steps) <= skipped and main:
+            raise TrainingStopped(f"every one of the {skipped} steps of this run was non-finite (skipped); no model "
+                                  f"was exported. Lower the learning rate or check the data.")
         if start >= cfg.steps and main:
             print(f"nothing to do: the run is already at step {start} >= train.steps={cfg.steps}", file=sys.stderr)
             if found is not None and _exported_step(run_dir / "model.safetensors") != start:

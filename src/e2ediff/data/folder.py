@@ -50,8 +50,9 @@ def read_captions_jsonl(path: Path) -> list[tuple[str, str]]:
             extra = sorted(set(record) - set(CAPTION_FIELDS))
             if extra:
                 raise ValueError(f"{where}: unexpected field {extra[0]!r} (allowed: {list(CAPTION_FIELDS)})")
-            if Path(record["file"]).is_absolute():
-                raise ValueError(f"{where}: field 'file' must be a path relative to the folder, got {record['file']!r}")
+            if Path(record["file"]).is_absolute() or ".." in Path(record["file"]).parts:
+                raise ValueError(f"{where}: field 'file' must be a path inside the folder (relative, no '..'), "
+                                 f"got {record['file'][:120]!r}")
             pairs.append((record["file"], record["caption"]))
     return pairs
 
@@ -82,7 +83,10 @@ class ImageFolderText(Dataset):
         if not pairs:
             raise ValueError(f"{jsonl} lists no images")
         good, bad = [], []
+        root = self.root.resolve()
         for file, text in pairs:
+            if not (self.root / file).resolve().is_relative_to(root):   # a symlink that leads out of the folder
+                raise ValueError(f"{self.root / file}: leads outside the dataset folder {self.root}; refused")
             error = self._check(self.root / file)
             if error is None:
                 good.append((file, text))
@@ -103,6 +107,8 @@ class ImageFolderText(Dataset):
     @staticmethod
     def _check(path: Path) -> str | None:
         """None if PIL can open and verify the image, else the reason."""
+        if path.exists() and not path.is_file():   # a FIFO or device would block the reader or never end
+            return "not a regular file"
         try:
             with Image.open(path) as img:
                 img.verify()

@@ -196,10 +196,16 @@ def load_classifier(path: str | os.PathLike, device: str | torch.device = "cpu")
             raise FileNotFoundError(f"classifier file not found: {f} (write it with save_classifier)")
     try:
         config = ClassifierConfig(**json.loads(config_file.read_text()))
+        model = FashionClassifier(config)
     except (TypeError, ValueError) as err:
-        raise ValueError(f"{config_file}: not a ClassifierConfig ({err})") from err
-    model = FashionClassifier(config)
-    state = load_file(str(weights))
+        raise ValueError(f"{config_file}: not a ClassifierConfig ({str(err)[:200]})") from err
+    try:
+        state = load_file(str(weights))
+    except Exception as err:   # safetensors raises its own error type for garbage files
+        raise ValueError(f"{weights}: not a readable safetensors file ({type(err).__name__}: {err})") from None
+    bad = [k for k, v in state.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    if bad:
+        raise ValueError(f"{weights}: tensor {bad[0]!r} holds non-finite values (NaN/inf)")
     expected = model.state_dict()
     problems = sorted(set(expected) ^ set(state))
     problems += [f"{k}: {tuple(state[k].shape)} != {tuple(v.shape)}"

@@ -88,9 +88,11 @@ def evaluate_samples(images_uint8: np.ndarray, labels: np.ndarray | None, *, cla
     return result
 
 
-def load_samples_npz(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None]:
-    """Read what `e2ediff sample` writes: `images` uint8 [N, 28, 28], optional `labels` int [N], optional
-    `prompts` str [N]. Returns (images, labels or None, prompts or None); errors name the file and the field."""
+def load_samples_npz(path: str | os.PathLike, num_classes: int = 10
+                     ) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None]:
+    """Read what `e2ediff sample` writes: `images` uint8 [N, 28, 28], optional `labels` int [N] in 0..num_classes-1
+    (all -1: unknown, returned as None), optional `prompts` str [N]. Returns (images, labels or None, prompts or
+    None); errors name the file and the field."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"samples file not found: {path}")
@@ -110,6 +112,14 @@ def load_samples_npz(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray | 
         if not np.issubdtype(labels.dtype, np.integer) or labels.shape != (n,):
             raise ValueError(f"{path}: field 'labels' must be int [{n}], got {labels.dtype} {labels.shape}")
         labels = labels.astype(np.int64)
+        if (labels == -1).all():   # `e2ediff sample --prompt …` writes -1: no class known, score FD/KID only
+            labels = None
+        else:
+            bad = np.flatnonzero((labels < 0) | (labels >= num_classes))
+            if len(bad):
+                raise ValueError(f"{path}: field 'labels' holds {len(bad)} values outside 0..{num_classes - 1} "
+                                 f"(labels[{bad[0]}] = {labels[bad[0]]}); use -1 for every label when the classes "
+                                 f"are unknown")
     if prompts is not None and (prompts.dtype.kind != "U" or prompts.shape != (n,)):
         raise ValueError(f"{path}: field 'prompts' must be str [{n}], got {prompts.dtype} {prompts.shape}")
     return images, labels, prompts
