@@ -297,7 +297,8 @@ def check_run(cfg_dict: dict, run_dir: Path, config_file: Path | None = None) ->
     for key, value in found:
         path = Path(value)
         flag = key if key.startswith("--") else f"{key}="
-        if path.exists() and not path.is_file():
+        pipeline_folder = key == "init" and path.is_dir() and (path / "model_index.json").is_file()  # diffusers
+        if path.exists() and not path.is_file() and not pipeline_folder:
             _fail(f"{flag}{'' if flag.endswith('=') else ' '}{path} is {_kind(path)}; expected a regular file")
         if any(_same(path, w) for w in written) or any(_inside(path, run_dir / d) for d in RUN_OUTPUT_DIRS):
             _fail(f"{flag}{'' if flag.endswith('=') else ' '}{path} lies in --run-dir {run_dir} where the run writes "
