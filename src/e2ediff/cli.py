@@ -39,6 +39,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("encode-prompts", help="encode captions with MiniLM into a safetensors cache")
     p.add_argument("--captions", type=Path, help="text file, one caption per line (default: Fashion-MNIST captions)")
     p.add_argument("--output", type=Path, help="cache file (default: the cache the training commands look for)")
+    p.add_argument("--dataset", choices=["fashion-mnist", "fashion-scenes"], default="fashion-mnist",
+                   help="fashion-scenes: the int8 clause cache of the scenes caption grammar (data/scenes.py)")
 
     _training_parser(sub, "train-autoencoder", "train the latent KL autoencoder", list(autoencoder_training.PRESETS))
     _training_parser(sub, "pretrain", "train the diffusion teacher (paper Eq. 6)", list(pretrain.PRESETS))
@@ -133,6 +135,16 @@ def cmd_encode_prompts(args) -> None:
     from e2ediff.data.fashion_mnist import class_captions
     from e2ediff.models.text import PromptCache
 
+    if args.dataset == "fashion-scenes":
+        from e2ediff.data.scenes import SceneTextCache, default_scene_cache_path
+
+        if args.captions is not None:
+            raise ValueError("--captions cannot be combined with --dataset fashion-scenes (the grammar fixes them)")
+        path = args.output or default_scene_cache_path()
+        cache = SceneTextCache.build()
+        cache.save(path)
+        print(f"{len(cache.clauses)} scene clauses encoded -> {path} ({path.stat().st_size / 1e6:.2f} MB)")
+        return
     if args.captions is not None:
         if not args.captions.is_file():
             raise FileNotFoundError(f"--captions file {args.captions} does not exist")

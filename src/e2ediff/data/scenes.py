@@ -470,7 +470,7 @@ class SceneTrainingData:
 
     def __init__(self, cfg, split: str = "train", device: torch.device | str = "cpu", prompt_cache=None):
         self.device = torch.device(device)
-        n = cfg.num_scenes if split == "train" and cfg.num_scenes > 0 else None
+        n = cfg.num_scenes if cfg.num_scenes > 0 else None
         scenes = load_scenes(split, n, seed=0, data_dir=cfg.data_dir, val_size=cfg.val_size)
         self.scenes = scenes
         self.images = (torch.as_tensor(scenes.images).to(self.device).float() / 127.5 - 1.0).unsqueeze(1)

@@ -82,6 +82,8 @@ PRESETS: dict[str, DiTConfig] = {
     # 5.41M parameters, 64 tokens: one GPU. A shipped float16 pipeline file (this net + the 2.37M base autoencoder)
     # then stays under 16 MB.
     "base": DiTConfig(hidden_size=240, depth=5, num_heads=4, patch_size=1),
+    # fashion-scenes: 16 × 16 × 4 latents, patch 2 (64 tokens); captions of up to 4 clauses × 16 tokens.
+    "scenes": DiTConfig(input_size=16, patch_size=2, hidden_size=256, depth=6, num_heads=4, max_text_len=64),
 }
 
 
