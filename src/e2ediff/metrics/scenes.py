@@ -49,18 +49,20 @@ def cell_agreement(pred: np.ndarray, layouts: np.ndarray) -> dict:
             "empty_right": float(right[~filled].mean()) if (~filled).any() else float("nan")}
 
 
-def reference_crop_features(classifier, key: str, split: str = "test", data_dir=None, val_size: int = 5000):
-    """Classifier features [M, D] (float64) and labels [M] of the non-empty cells of the real scenes of ``split``,
-    cached under the classifier's checksum ``key``."""
+def reference_crop_features(classifier, key: str, split: str = "test", data_dir=None, val_size: int = 5000,
+                            n: int | None = None):
+    """Classifier features [M, D] (float64) and labels [M] of the non-empty cells of the first ``n`` (default: all)
+    real scenes of ``split``, cached under the classifier's checksum ``key``."""
     from e2ediff.checkpoint import atomic_write_npz
     from e2ediff.data.fashion_mnist import cache_dir
     from e2ediff.metrics.features import ClassifierFeatures
 
-    path = cache_dir() / f"reference-scenes-{key}-{split}-{DEFAULT_SIZES[split]}-{val_size}.npz"
+    n = DEFAULT_SIZES[split] if n is None else int(n)
+    path = cache_dir() / f"reference-scenes-{key}-{split}-{n}-{val_size}.npz"
     if path.exists():
         with np.load(path) as f:
             return f["features"], f["labels"]
-    scenes = load_scenes(split, data_dir=data_dir, val_size=val_size)
+    scenes = load_scenes(split, n, data_dir=data_dir, val_size=val_size)
     filled = scenes.layouts >= 0
     crops = cell_crops(scenes.images)[filled]
     with torch.no_grad():
@@ -70,8 +72,10 @@ def reference_crop_features(classifier, key: str, split: str = "test", data_dir=
 
 
 def score_scenes(images: np.ndarray, layouts: np.ndarray, classifier_dir: str | Path, split: str = "test",
-                 data_dir=None, device: torch.device | str = "cpu", seed: int = 0) -> dict:
-    """Every scenes metric of uint8 scenes [N, 64, 64] made for ``layouts`` [N, 4]."""
+                 data_dir=None, device: torch.device | str = "cpu", seed: int = 0, n_reference: int | None = None
+                 ) -> dict:
+    """Every scenes metric of uint8 scenes [N, 64, 64] made for ``layouts`` [N, 4] (reference: the first
+    ``n_reference`` real scenes of ``split``, default all)."""
     from e2ediff.checkpoint import sha256_file
     from e2ediff.metrics.classifier import load_classifier
     from e2ediff.metrics.frechet import feature_stats
@@ -87,7 +91,7 @@ def score_scenes(images: np.ndarray, layouts: np.ndarray, classifier_dir: str | 
     classifier = load_classifier(classifier_dir, device)
     result = cell_agreement(cell_labels(classifier, images), layouts)
     filled = layouts >= 0
-    real, real_labels = reference_crop_features(classifier, key, split, data_dir)
+    real, real_labels = reference_crop_features(classifier, key, split, data_dir, n=n_reference)
     crops = cell_crops(images)[filled]
     if len(crops) >= 2:
         dist = evaluate_samples(crops, layouts[filled], classifier=classifier, reference=feature_stats(real),
