@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from helpers import fake_env, fake_env_paths  # noqa: F401
+from helpers import fake_env, fake_env_paths, restore_determinism  # noqa: F401
 
 from e2ediff.data import scenes as S
 
@@ -45,7 +45,8 @@ def test_hand_written_captions(caption, layout):
 
 def test_captions_read_as_written_and_bad_ones_are_refused():
     assert S.scene_caption((7, -1, -1, 8), 0) == "a sneaker in the top left and a bag in the bottom right"
-    assert S.scene_caption((1, 1, -1, -1), 1) == "two pairs of pants on the top row"
+    assert S.scene_caption((1, 1, -1, -1), 1) == "two pairs of trousers on the top row"
+    assert S.scene_caption((1, 1, -1, -1), 2) == "two pairs of pants along the top"
     assert S.scene_caption((-1, -1, -1, 9), 2) == "an ankle boot alone in the bottom right corner"
     assert len({S.scene_caption((3, 3, 5, -1), v) for v in range(3)}) == 3
     for bad in ("a sneaker", "two sneakers", "a sneaker in the top", "a sneaker and a bag in the top left"):
@@ -208,21 +209,22 @@ def test_real_scenes_score_as_real(monkeypatch, tmp_path):
 
     monkeypatch.setenv("E2EDIFF_DATA_DIR", str(REAL))
     monkeypatch.setenv("E2EDIFF_CACHE", str(tmp_path))
-    sc = S.load_scenes("test", 150)
-    r = score_scenes(sc.images, sc.layouts, CLASSIFIER, "test", n_reference=150)
+    sc = S.load_scenes("test", 100)
+    r = score_scenes(sc.images, sc.layouts, CLASSIFIER, "test", n_reference=100)
     assert r["empty_right"] == 1.0 and r["class_alignment"] > 0.85 and r["all_four"] > 0.6
     assert abs(r["fd"]) < 1e-6 and r["n_crops"] == int((sc.layouts >= 0).sum())
     noise = np.random.default_rng(0).integers(0, 255, sc.images.shape, dtype=np.uint8)
-    bad = score_scenes(noise, sc.layouts, CLASSIFIER, "test", n_reference=150)
+    bad = score_scenes(noise, sc.layouts, CLASSIFIER, "test", n_reference=100)
     assert bad["empty_right"] == 0.0 and bad["fd"] > 10
 
 
 # ---------------------------------------------------------------------------------------------------- commands, time
 
 
-def test_scenes_commands_sample_and_evaluate(fake_env, tmp_path, capsys):
+def test_scenes_commands_sample_and_evaluate(fake_env, tmp_path, capsys, monkeypatch):
     from e2ediff.cli import main
 
+    monkeypatch.setitem(S.DEFAULT_SIZES, "test", 40)   # evaluation prompts and reference: 40 test scenes
     cache = _random_cache().save(tmp_path / "c.safetensors")
     common = ["data.num_scenes=32", "data.val_size=8", f"data.prompt_cache={cache}", "train.batch_size=4",
               "train.device=cpu", "train.progress=false", "train.steps=1"]
@@ -239,7 +241,6 @@ def test_scenes_commands_sample_and_evaluate(fake_env, tmp_path, capsys):
         assert f["layouts"].tolist() == [[7, 8, -1, 8]] * 3 and list(f["captions"]) == [prompt] * 3
     # a samples file of real scenes, scored by `evaluate --samples` (reference: the fake test split's scenes)
     from e2ediff.evaluate_scenes import save_scene_samples
-    from e2ediff.metrics.scenes import reference_crop_features  # noqa: F401  (the cache the command reads)
 
     sc = S.load_scenes("test", 12)
     save_scene_samples(tmp_path / "real.npz", sc.images, sc.layouts, sc.captions(1))

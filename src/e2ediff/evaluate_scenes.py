@@ -12,13 +12,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from e2ediff.data.scenes import NUM_CELLS, NUM_VARIANTS, load_scene_text_cache, load_scenes, parse_caption, \
+from e2ediff.data.scenes import DEFAULT_SIZES, NUM_CELLS, NUM_VARIANTS, load_scene_text_cache, load_scenes, parse_caption, \
     scene_caption
 
 
 def scene_prompts(n: int, split: str = "test", data_dir=None) -> tuple[np.ndarray, list[str]]:
     """(layouts [n, 4], captions [n]) of the first n real scenes of ``split`` (cycled), caption variant i mod 3."""
-    scenes = load_scenes(split, min(n, 10000 if split == "test" else 5000), data_dir=data_dir)
+    scenes = load_scenes(split, min(n, DEFAULT_SIZES[split]), data_dir=data_dir)
     layouts = scenes.layouts[np.arange(n) % len(scenes)]
     return layouts, [scene_caption(lay, i % NUM_VARIANTS) for i, lay in enumerate(layouts)]
 

@@ -203,16 +203,15 @@ def parse_caption(caption: str) -> tuple[int, ...]:
 
 @lru_cache(maxsize=1)
 def clause_vocabulary() -> tuple[str, ...]:
-    """Every clause the grammar can write, sorted: what the text cache encodes."""
+    """Every clause of the grammar's words, sorted: what the text cache encodes. A superset of the clauses the
+    caption variants write (any name with any phrasing), so hand-written prompts in the grammar have features too."""
     clauses = set(EMPTY_CAPTIONS)
-    for label, names in enumerate(NOUNS):
-        for cell in range(NUM_CELLS):
-            for variant in range(NUM_VARIANTS):
-                clauses.add(_single(label, cell, variant))
-            clauses.add(f"{with_article(NOUNS[label][(label + cell) % 2][0])} alone {CELL_PHRASES[2][cell]}")
-        for v in (1, 2):
-            plural = names[v - 1][1]
-            for phrases in (ROW_PHRASES[v - 1], COLUMN_PHRASES[v - 1]):
+    for names in NOUNS:
+        for singular, plural in names:
+            for cell_phrases in CELL_PHRASES:
+                clauses.update(f"{with_article(singular)} {p}" for p in cell_phrases)
+                clauses.update(f"{with_article(singular)} alone {p}" for p in cell_phrases)
+            for phrases in ROW_PHRASES + COLUMN_PHRASES:
                 clauses.update(f"two {plural} {p}" for p in phrases)
     return tuple(sorted(clauses))
 
