@@ -30,6 +30,13 @@ class TrainingData:
     (from the step's generator). Folder datasets: each image has its own caption.
     """
 
+    def __new__(cls, cfg: DataConfig, *args, **kwargs):
+        if cfg.dataset == "fashion-scenes":   # its own loader (data/scenes.py), with the same interface
+            from e2ediff.data.scenes import SceneTrainingData
+
+            return SceneTrainingData(cfg, *args, **kwargs)
+        return super().__new__(cls)
+
     def __init__(self, cfg: DataConfig, split: str = "train", device: torch.device | str = "cpu",
                  prompt_cache: str | Path | None = None):
         from e2ediff.data.fashion_mnist import class_captions, load_fashion_mnist, to_model_images, train_val_split

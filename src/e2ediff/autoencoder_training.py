@@ -27,6 +27,9 @@ PRESETS = {
     "tiny": AutoencoderRun(),
     "base": AutoencoderRun(model=AE_PRESETS["base"], optim=OptimConfig(lr=5e-4, warmup_steps=200),
                            train=TrainConfig(steps=8000, batch_size=256, ema_decay=0.999, checkpoint_every=2000)),
+    "scenes": AutoencoderRun(model=AE_PRESETS["scenes"], data=DataConfig(dataset="fashion-scenes"),
+                             optim=OptimConfig(lr=1e-3, warmup_steps=100),
+                             train=TrainConfig(steps=6000, batch_size=128, ema_decay=0.999, checkpoint_every=500)),
 }
 
 

@@ -44,6 +44,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("encode-prompts", help="encode captions with MiniLM into a safetensors cache")
     p.add_argument("--captions", type=Path, help="text file, one caption per line (default: Fashion-MNIST captions)")
     p.add_argument("--output", type=Path, help="cache file (default: the cache the training commands look for)")
+    p.add_argument("--dataset", choices=["fashion-mnist", "fashion-scenes"], default="fashion-mnist",
+                   help="fashion-scenes: the int8 clause cache of the scenes caption grammar (data/scenes.py)")
 
     _training_parser(sub, "train-autoencoder", "train the latent KL autoencoder", list(autoencoder_training.PRESETS))
     _training_parser(sub, "pretrain", "train the diffusion teacher (paper Eq. 6)", list(pretrain.PRESETS))
@@ -142,6 +144,16 @@ def cmd_encode_prompts(args) -> None:
     from e2ediff.data.fashion_mnist import class_captions
     from e2ediff.models.text import PromptCache
 
+    if args.dataset == "fashion-scenes":
+        from e2ediff.data.scenes import SceneTextCache, default_scene_cache_path
+
+        if args.captions is not None:
+            raise ValueError("--captions cannot be combined with --dataset fashion-scenes (the grammar fixes them)")
+        path = args.output or default_scene_cache_path()
+        cache = SceneTextCache.build()
+        cache.save(path)
+        print(f"{len(cache.clauses)} scene clauses encoded -> {path} ({path.stat().st_size / 1e6:.2f} MB)")
+        return
     if args.captions is not None:
         if not args.captions.is_file():
             raise FileNotFoundError(f"--captions file {args.captions} does not exist")
@@ -243,6 +255,10 @@ def cmd_sample(args) -> None:
         raise ValueError("sample needs --checkpoint (a model file) or --pretrained (a diffusers pipeline)")
     pipe = load_pipeline(args.checkpoint, device)
     spec = _sampler_spec(args, pipe.meta)
+    from e2ediff.data.scenes import is_scenes_pipeline
+
+    if is_scenes_pipeline(pipe.meta):
+        return _sample_scenes(args, pipe, spec, device)
     if args.prompt:
         prompts = [args.prompt[i % len(args.prompt)] for i in range(args.num_samples)]
         prompts = sorted(prompts, key=args.prompt.index)
@@ -266,6 +282,28 @@ def cmd_sample(args) -> None:
     save_grid(uint8[grid_idx], rows, args.output / "grid.png")
     ts = spec.resolved_timesteps()
     print(f"{len(uint8)} samples ({spec.name}, timesteps {ts}, NFE {spec.nfe}) -> "
+          f"{args.output / 'samples.npz'}, {args.output / 'grid.png'}")
+
+
+def _sample_scenes(args, pipe, spec, device) -> None:
+    """`sample` on a scenes model: prompts from --prompt (parsed to layouts) or the test scenes' captions."""
+    from e2ediff.data.scenes import parse_caption
+    from e2ediff.evaluate_scenes import sample_scenes, save_scene_samples, scene_prompts
+    from e2ediff.generate import save_grid
+
+    if args.prompt:
+        captions = [args.prompt[i % len(args.prompt)] for i in range(args.num_samples)]
+        captions = sorted(captions, key=args.prompt.index)
+        layouts = np.array([parse_caption(c) for c in captions], dtype=np.int64)
+        rows = len(args.prompt)
+    else:
+        layouts, captions = scene_prompts(args.num_samples, "test")
+        rows = max(1, -(-len(captions) // args.grid_columns))
+    images = sample_scenes(pipe, captions, spec, args.seed, args.batch_size, device, args.prompt_cache)
+    args.output.mkdir(parents=True, exist_ok=True)
+    save_scene_samples(args.output / "samples.npz", images, layouts, captions)
+    save_grid(images, rows, args.output / "grid.png", scale=1)
+    print(f"{len(images)} scenes ({spec.name}, timesteps {spec.resolved_timesteps()}, NFE {spec.nfe}) -> "
           f"{args.output / 'samples.npz'}, {args.output / 'grid.png'}")
 
 
@@ -300,7 +338,29 @@ def cmd_evaluate(args) -> None:
         raise FileNotFoundError(f"evaluation classifier not found in {args.classifier} "
                                 f"(train one with `e2ediff train-classifier --output DIR`)")
     device = _device(args.device)
-    if args.samples is not None:
+    from e2ediff.data.scenes import is_scenes_pipeline
+    from e2ediff.evaluate_scenes import is_scene_samples
+
+    if args.samples is not None and args.samples.is_file() and is_scene_samples(args.samples):
+        from e2ediff.evaluate_scenes import load_scene_samples
+        from e2ediff.metrics.scenes import score_scenes
+
+        images, layouts, _ = load_scene_samples(args.samples)
+        result = score_scenes(images, layouts, args.classifier, args.split, device=device, seed=args.seed)
+        result["samples"] = str(args.samples)
+    elif args.checkpoint is not None and is_scenes_pipeline(_model_meta(args.checkpoint)):
+        from e2ediff.evaluate_scenes import evaluate_scene_model, save_scene_samples
+        from e2ediff.generate import save_grid
+
+        path = args.checkpoint / "model.safetensors" if args.checkpoint.is_dir() else args.checkpoint
+        spec = _sampler_spec(args, _model_meta(path))
+        result, images, layouts, captions = evaluate_scene_model(path, spec, args.classifier, args.num_samples,
+                                                                 args.seed, args.split, device, args.batch_size,
+                                                                 args.prompt_cache)
+        if args.save_samples is not None:
+            save_scene_samples(args.save_samples / "samples.npz", images, layouts, captions)
+            save_grid(images[:40], max(1, min(4, len(images) // 10)), args.save_samples / "grid.png", scale=1)
+    elif args.samples is not None:
         from e2ediff.metrics.report import load_samples_npz
 
         images, labels, _ = load_samples_npz(args.samples)
@@ -324,8 +384,18 @@ def cmd_evaluate(args) -> None:
             save_grid(images[pick], 10 if per else 1, args.save_samples / "grid.png")
     if args.output is not None:
         write_json(args.output, result)
-    keys = [k for k in ("fd", "kid_mean", "alignment", "diversity_rel", "nfe", "n") if k in result]
+    keys = [k for k in ("fd", "kid_mean", "alignment", "all_four", "diversity_rel", "nfe", "n") if k in result]
     print(" ".join(f"{k}={result[k]:.4g}" if isinstance(result[k], float) else f"{k}={result[k]}" for k in keys))
+
+
+def _model_meta(path: Path) -> dict:
+    """A model file's metadata, or {} when it cannot be read (the caller's loader then reports why)."""
+    from e2ediff.checkpoint import read_model_meta
+
+    try:
+        return read_model_meta(path / "model.safetensors" if path.is_dir() else path)
+    except Exception:
+        return {}
 
 
 def cmd_train_classifier(args) -> None:

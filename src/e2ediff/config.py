@@ -33,7 +33,7 @@ class ConfigError(ValueError):
 
 @dataclass
 class DataConfig:
-    dataset: Literal["fashion-mnist", "folder"] = "fashion-mnist"
+    dataset: Literal["fashion-mnist", "folder", "fashion-scenes"] = "fashion-mnist"
     data_dir: str | None = None          # Fashion-MNIST IDX folder (searched for when None) or the image folder root
     captions_file: str | None = None     # folder dataset: captions.jsonl (default: <data_dir>/captions.jsonl)
     image_channels: int = 1              # folder dataset: 1 (grayscale) or 3 (RGB)
@@ -41,11 +41,13 @@ class DataConfig:
     caption_dropout: float = 0.1         # probability of the null caption in training (classifier-free guidance)
     prompt_cache: str | None = None      # caption-embedding cache (safetensors); default <cache dir>/prompts-<key>.safetensors
     skip_bad_files: bool = False         # folder dataset: skip unreadable images with a counted warning
+    num_scenes: int = 0                  # fashion-scenes: scenes per split (0: train 60000, val 5000, test 10000)
 
     def validate(self) -> None:
         _check(0 <= self.caption_dropout < 1, "data.caption_dropout", self.caption_dropout, "a probability in [0, 1)")
         _check(self.val_size >= 0, "data.val_size", self.val_size, ">= 0")
         _check(self.image_channels in (1, 3), "data.image_channels", self.image_channels, "1 or 3")
+        _check(self.num_scenes >= 0, "data.num_scenes", self.num_scenes, ">= 0")
 
 
 @dataclass
@@ -85,6 +87,8 @@ class TrainConfig:
                                          # (validation early stopping: scripts/select_export.py picks one on val)
     compile: Literal["no", "default", "reduce-overhead", "max-autotune-no-cudagraphs"] = "no"  # torch.compile the
                                          # trained networks in place (reduce-overhead: CUDA graphs, for small models)
+    max_seconds: float = 0.0             # > 0: stop after this many seconds of training (checkpoint written; a rerun
+                                         # resumes toward train.steps)
 
     def validate(self) -> None:
         _check(1 <= self.steps <= MAX_TRAIN_STEPS, "train.steps", self.steps, f"in [1, {MAX_TRAIN_STEPS}]")
@@ -96,6 +100,7 @@ class TrainConfig:
         _check(self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:"), "train.device",
                self.device, "auto, cpu, cuda or cuda:N")
         _check(self.max_nonfinite >= 1, "train.max_nonfinite", self.max_nonfinite, ">= 1")
+        _check(self.max_seconds >= 0, "train.max_seconds", self.max_seconds, ">= 0 (0: no time limit)")
 
 
 # ----------------------------------------------------------------------------------------------------------------------

@@ -55,6 +55,9 @@ PRESETS = {
     "tiny": DistillRun(),
     "base": DistillRun(optim=OptimConfig(lr=5e-5, warmup_steps=200),
                        train=TrainConfig(steps=6000, batch_size=256, ema_decay=0.999, checkpoint_every=1000)),
+    "scenes": DistillRun(sample_guidance=2.0, data=DataConfig(dataset="fashion-scenes"),
+                         optim=OptimConfig(lr=1e-4, warmup_steps=200),
+                         train=TrainConfig(steps=10000, batch_size=256, ema_decay=0.999, checkpoint_every=500)),
 }
 
 

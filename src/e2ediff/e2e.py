@@ -124,6 +124,8 @@ PRESETS = {
                                 optim=OptimConfig(lr=1e-6, weight_decay=1e-8),
                                 train=TrainConfig(steps=3000, batch_size=32, ema_decay=0.95, checkpoint_every=250,
                                                   keep_exports=True)),
+    "scenes": FinetuneRun(data=DataConfig(dataset="fashion-scenes", caption_dropout=0.0),
+                          train=TrainConfig(steps=600, batch_size=32, ema_decay=0.95, checkpoint_every=100)),
     # The paper's literal setting (large models): AdamW lr 1e-6, weight decay 1e-8, EMA 0.95, L2 + LPIPS.
     "paper": FinetuneRun(samples_per_caption=1, loss=E2ELoss(energy=0.0, l2=1.0),
                          optim=OptimConfig(lr=1e-6, weight_decay=1e-8),

@@ -31,7 +31,8 @@ MAX_MESSAGE_VALUE = 120           # characters of a value quoted in an error mes
 
 # Keys a resumed run may change without --allow-changed: they do not change what is trained.
 RESUMABLE_KEYS = ("train.steps", "train.progress", "train.log_every", "train.checkpoint_every", "train.keep_last",
-                  "train.max_nonfinite", "train.device", "train.compile", "train.keep_exports")
+                  "train.max_nonfinite", "train.device", "train.compile", "train.keep_exports",
+                  "train.max_seconds")
 # Config fields that name input files of a training run.
 INPUT_KEYS = ("init", "teacher", "autoencoder", "lpips_weights", "lpips_heads", "prompt_cache")
 # What a training run writes inside its --run-dir (files, then folders).

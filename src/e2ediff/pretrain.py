@@ -40,6 +40,9 @@ PRESETS = {
     "base": PretrainRun(model=DIT_PRESETS["base"],
                         optim=OptimConfig(lr=2e-4, warmup_steps=500),
                         train=TrainConfig(steps=20000, batch_size=256, ema_decay=0.9995, checkpoint_every=2000)),
+    "scenes": PretrainRun(model=DIT_PRESETS["scenes"], guidance=2.0, data=DataConfig(dataset="fashion-scenes"),
+                          optim=OptimConfig(lr=3e-4, warmup_steps=300),
+                          train=TrainConfig(steps=20000, batch_size=256, ema_decay=0.999, checkpoint_every=500)),
 }
 
 

@@ -438,6 +438,13 @@ def train(task: Task, cfg: TrainConfig, run_dir: Path, run_config: Any, command:
                 progress.update(1)
             if done % cfg.checkpoint_every == 0 or done == cfg.steps:
                 write_checkpoint(done)
+            if cfg.max_seconds > 0 and done < cfg.steps and time.perf_counter() - t0 >= cfg.max_seconds:
+                if done % cfg.checkpoint_every != 0:
+                    write_checkpoint(done)
+                if main:
+                    print(f"time limit: stopped at step {done} after train.max_seconds={cfg.max_seconds:g} s; "
+                          f"run again to continue toward train.steps={cfg.steps}", file=sys.stderr)
+                break
         if 0 < max(start, cfg.steps) <= skipped and main:
             raise TrainingStopped(f"every one of the {skipped} steps of this run was non-finite (skipped); no model "
                                   f"was exported. Lower the learning rate or check the data.")

@@ -63,6 +63,8 @@ class AutoencoderConfig:
 PRESETS: dict[str, AutoencoderConfig] = {
     "tiny": AutoencoderConfig(channels=(16, 32, 64), num_res_blocks=1),   # 0.40M parameters: CPU
     "base": AutoencoderConfig(channels=(32, 64, 128), num_res_blocks=2),  # 2.37M parameters: one GPU
+    # fashion-scenes: 64 × 64 × 1 -> 16 × 16 × 4
+    "scenes": AutoencoderConfig(image_size=64, channels=(32, 64, 128), num_res_blocks=1),
 }
 
 

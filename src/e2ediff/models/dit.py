@@ -82,6 +82,9 @@ PRESETS: dict[str, DiTConfig] = {
     # 5.41M parameters, 64 tokens: one GPU. A shipped float16 pipeline file (this net + the 2.37M base autoencoder)
     # then stays under 16 MB.
     "base": DiTConfig(hidden_size=240, depth=5, num_heads=4, patch_size=1),
+    # fashion-scenes: 16 × 16 × 4 latents, patch 2 (64 tokens); captions of up to 4 clauses × 16 tokens. 6.2M
+    # parameters: a float16 pipeline file (with the 1.59M scenes autoencoder) is about 15.6 MB, under the 16 MiB a device call returns per file.
+    "scenes": DiTConfig(input_size=16, patch_size=2, hidden_size=256, depth=5, num_heads=4, max_text_len=64),
 }
 
 
