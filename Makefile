@@ -19,7 +19,7 @@ data:
 setup: $(STAMP) data
 
 test: setup
-	$(VENV)/bin/pytest -q tests
+	$(VENV)/bin/pytest tests
 
 demo: setup
 	$(VENV)/bin/e2ediff demo
