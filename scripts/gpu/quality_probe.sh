@@ -27,7 +27,7 @@ save() { tar czf "$OUT/quality_rows.tgz" "$R"/*.json "$R"/*.log "$R"/*/metrics.j
 
 evaluate() {  # evaluate NAME MODEL K: one JSON row in $R/eval_NAME_kK_val.json
   $E evaluate --checkpoint "$2" --classifier "$CLS" --steps "$3" --num-samples "$N" --split val --device "$DEV" \
-    --output "$R/eval_$1_k$3_val.json" > "$R/eval_$1_k$3.log" 2>&1
+    --w 1.5 --output "$R/eval_$1_k$3_val.json" > "$R/eval_$1_k$3.log" 2>&1
 }
 row() {  # row NAME [overrides]: time-limited E2E fine-tune of the student, then its K = 1, 2, 4 validation rows
   local name=$1; shift
@@ -46,15 +46,16 @@ if [[ "${STAGE:-all}" == bench || "${STAGE:-all}" == all ]]; then
 fi
 if [[ "${STAGE:-all}" == probe || "${STAGE:-all}" == all ]]; then
   F="loss.lpips_weights=$LP"
-  MIX="sampler_steps_mix=[1,2,4] w_range=[1.0,2.0]"
+  MIX="sampler_steps_mix=[1,2,4] train.keep_exports=true"     # every row: K drawn per step, exports kept
+  # w=1.0 rows train at the unguided input (the CPU probes: less drift) and, like every row, are sampled at w = 1.5
   (for k in 1 2 4; do evaluate student "$LCM" $k; done; echo "student done"; save) &
-  row fbank_mix_lr1e-6 loss.space=features loss.real_bank=16 $F $MIX optim.lr=1e-6 &
-  row fbank_mix_lr3e-6 loss.space=features loss.real_bank=16 $F $MIX optim.lr=3e-6 &
-  row fbank_gan_mix_lr1e-6 loss.space=features loss.real_bank=16 loss.gan=0.1 loss.gan_space=features loss.r1=1.0 \
-    $F $MIX optim.lr=1e-6 &
-  row lbank_mix_lr1e-6 loss.real_bank=16 $MIX optim.lr=1e-6 &
-  row fscore_mix_lr1e-6 loss.space=features $F $MIX optim.lr=1e-6 &
-  row fbank_k4_lr1e-6 loss.space=features loss.real_bank=16 $F sampler_steps=4 optim.lr=1e-6 &
+  row fscore_w1_lr1e-6 loss.space=features $F $MIX w=1.0 optim.lr=1e-6 &
+  row fscore_w1_lr3e-7 loss.space=features $F $MIX w=1.0 optim.lr=3e-7 &
+  row fbank_w1_lr1e-6 loss.space=features loss.real_bank=16 $F $MIX w=1.0 optim.lr=1e-6 &
+  row fbank_gan_w1_lr1e-6 loss.space=features loss.real_bank=16 loss.gan=0.1 loss.gan_space=features loss.r1=1.0 \
+    $F $MIX w=1.0 optim.lr=1e-6 &
+  row lscore_w1_lr1e-6 $MIX w=1.0 optim.lr=1e-6 &
+  row distribution_preset_lr1e-6 loss.space=features loss.real_bank=16 $F $MIX w_range=[1.0,2.0] optim.lr=1e-6 &
   wait
   save
   python3 - "$R" <<'EOF'
