@@ -1,0 +1,25 @@
+"""Markdown table of `scripts/eval_shipped.sh`'s JSON files: each shipped model at K = 1, 2, 4.
+
+    python scripts/results_shipped.py docs/results/shipped-test-10k-2026-12-06
+"""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+NAMES = {"lcm": "LCM student (`base/lcm`)", "e2e": "E2E, shipped (`base/e2e`)",
+         "e2e_1step": "E2E one-step, shipped (`base/e2e_1step`)"}
+
+
+def main(folder: Path) -> None:
+    print("| model | K | FD ↓ | KID ↓ | alignment ↑ | diversity (rel.) |\n|---|---|---|---|---|---|")
+    for name, label in NAMES.items():
+        for path in sorted(folder.glob(f"eval_{name}_k*_*.json")):
+            r = json.loads(path.read_text())
+            print(f"| {label} | {r['nfe']} | {r['fd']:.2f} | {r['kid_mean']:.3f} | {r['alignment']:.3f} | "
+                  f"{r['diversity_rel']:.3f} |")
+
+
+if __name__ == "__main__":
+    main(Path(sys.argv[1]))
