@@ -159,13 +159,17 @@ def test_stale_lock_file_is_taken_over_and_failed_start_leaves_no_folder(fake_en
     (["--seed", "-1"], "--seed must be in [0, 9223372036854775807], got -1"),
 ], ids=["num-samples-1e9", "grid-columns-0", "batch-size-0", "steps-5000", "guidance-nan", "w-inf",
         "timesteps-repeat", "timesteps-range", "seed-negative"])
-def test_sample_flags_are_bounded(fake_env, pipeline_files, tmp_path, capsys, args, expected):
+def test_sample_flags_are_bounded(fake_env, pipeline_files, tmp_path, capsys, monkeypatch, args, expected):
+    import e2ediff.assets
+
+    def no_work(*a, **k):   # refused before any work: the model is never loaded, nothing is allocated
+        raise AssertionError("the model was loaded before the flags were checked")
+
+    monkeypatch.setattr(e2ediff.assets, "load_pipeline", no_work)
     out = tmp_path / "s"
-    t0 = time.perf_counter()
     msg = run_error(capsys, "sample", "--checkpoint", pipeline_files["student"], "--output", out, "--device", "cpu",
                     *args)
     assert msg == expected and not out.exists()
-    assert time.perf_counter() - t0 < 5
 
 
 @pytest.mark.parametrize("override,expected", [
@@ -313,11 +317,9 @@ def test_yaml_alias_bomb_is_bounded(fake_env, pipeline_files, tmp_path, capsys):
     lines += [f"a{i}: &a{i} [*a{i - 1}, *a{i - 1}, *a{i - 1}, *a{i - 1}, *a{i - 1}, *a{i - 1}, *a{i - 1}, *a{i - 1}, "
               f"*a{i - 1}, *a{i - 1}]" for i in range(1, 9)]
     bomb.write_text("\n".join(lines) + "\n")
-    t0 = time.perf_counter()
     msg = run_error(capsys, *finetune_args(tmp_path / "r", pipeline_files["student"]), "--config", bomb)
     assert msg == (f"config file {bomb}: more than 100000 values after expanding YAML aliases; refusing "
                    "(alias bomb?)")
-    assert time.perf_counter() - t0 < 5
 
 
 def test_error_messages_truncate_values(fake_env, pipeline_files, tmp_path, capsys):
