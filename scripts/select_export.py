@@ -26,8 +26,7 @@ from e2ediff.generate import SamplerSpec
 def score(path: Path, steps: list[int], n: int, seed: int, device: str, classifier: Path) -> dict[int, dict]:
     rows = {}
     for k in steps:
-        spec = SamplerSpec.from_meta(read_model_meta(path))
-        spec.steps, spec.timesteps = k, None
+        spec = SamplerSpec.from_meta(read_model_meta(path)).with_steps(k)
         result, _, _ = evaluate_model(path, spec, classifier, n, seed, "val", device)
         rows[k] = {key: result[key] for key in ("fd", "kid_mean", "alignment", "diversity_rel")}
     return rows

@@ -22,6 +22,15 @@ from e2ediff.data.fashion_mnist import cache_dir
 # Training data
 
 
+def class_index_table(labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Indices of each class's items as a table [C, W] (rows padded by cycling) and the count per class [C], so that
+    ``table[c, (u * counts[c]).long()]`` draws an item of class c uniformly for u in [0, 1)."""
+    per_class = [torch.nonzero(labels == c).flatten() for c in range(int(labels.max()) + 1)]
+    width = max(len(p) for p in per_class)
+    table = torch.stack([p[torch.arange(width, device=p.device) % len(p)] for p in per_class])
+    return table, torch.tensor([len(p) for p in per_class], device=labels.device)
+
+
 class TrainingData:
     """Images (kept as uint8 / model-format tensors on the device) + captions + their cached MiniLM features.
 
@@ -54,10 +63,7 @@ class TrainingData:
             self.images = to_model_images(torch.as_tensor(images)).to(self.device)
             self.labels = torch.as_tensor(labels, dtype=torch.long).to(self.device)
             classes = torch.as_tensor(caption_class)
-            per_class = [torch.nonzero(classes == c).flatten() for c in range(int(classes.max()) + 1)]
-            width = max(len(p) for p in per_class)
-            self._class_caps = torch.stack([p[torch.arange(width) % len(p)] for p in per_class]).to(self.device)
-            self._class_ncaps = torch.tensor([len(p) for p in per_class], device=self.device)
+            self._class_caps, self._class_ncaps = (t.to(self.device) for t in class_index_table(classes))
             self._fixed_caption = None
         elif cfg.dataset == "folder":
             from e2ediff.data.folder import ImageFolderText

@@ -316,7 +316,7 @@ def _sampler_spec(args, meta: dict):
     if args.steps is not None:
         if args.steps < 1:
             raise ValueError(f"--steps must be >= 1, got {args.steps}")
-        spec.steps, spec.timesteps = args.steps, None
+        spec = spec.with_steps(args.steps)
     if args.timesteps:
         spec.timesteps = guards.parse_timesteps("--timesteps", args.timesteps)
     if args.renoise:

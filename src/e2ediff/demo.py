@@ -80,8 +80,7 @@ def run_demo(out: Path, scratch: bool = False, finetune_steps: int = 20, num_sam
     results = []
     for i, (name, path) in enumerate(rows):
         for k in STEPS:
-            spec = SamplerSpec.from_meta(read_model_meta(path))
-            spec.steps, spec.timesteps = k, None
+            spec = SamplerSpec.from_meta(read_model_meta(path)).with_steps(k)
             print(f"evaluating {name}: {num_samples} samples, {k} step(s)", file=sys.stderr)
             result, images, labels = evaluate_model(path, spec, models["classifier"], num_samples, seed, "test",
                                                     "cpu", batch_size=500)

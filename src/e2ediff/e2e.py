@@ -304,7 +304,7 @@ class FinetuneTask(Task):
     kind = "finetune"
 
     def __init__(self, cfg: FinetuneRun, device: torch.device, data=None, init=None):
-        from e2ediff.assets import TrainingData, load_pipeline
+        from e2ediff.assets import TrainingData, class_index_table, load_pipeline
         from e2ediff.schedules import lcm_timesteps, pixart_lcm_timesteps
 
         self.cfg = cfg
@@ -330,10 +330,7 @@ class FinetuneTask(Task):
             if bool((labels < 0).any()):
                 raise ValueError("loss.real_bank needs class labels (the Fashion-MNIST dataset); this dataset has "
                                  "images without a class")
-            per_class = [torch.nonzero(labels == c).flatten() for c in range(int(labels.max()) + 1)]
-            width = max(len(p) for p in per_class)
-            self.bank_items = torch.stack([p[torch.arange(width, device=p.device) % len(p)] for p in per_class])
-            self.bank_counts = torch.tensor([len(p) for p in per_class], device=labels.device)
+            self.bank_items, self.bank_counts = class_index_table(labels)
         ae = self.init.autoencoder
         self.objective = E2EObjective(cfg.loss, ae, text_dim=net.config.text_dim,
                                       latent_channels=net.config.in_channels, latent_size=net.config.input_size,

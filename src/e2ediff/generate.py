@@ -5,7 +5,7 @@ by ``seed`` on the CPU, so a sample depends only on (seed, its index), not on th
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -30,6 +30,10 @@ class SamplerSpec:
         if "timesteps" in s and s["timesteps"] is not None:
             s["timesteps"] = tuple(s["timesteps"])
         return SamplerSpec(**s)
+
+    def with_steps(self, steps: int) -> "SamplerSpec":
+        """The same sampler at another step count, with the schedule's timesteps for it."""
+        return replace(self, steps=steps, timesteps=None)
 
     def resolved_timesteps(self) -> list[int]:
         from e2ediff.schedules import ddim_timesteps, lcm_timesteps
