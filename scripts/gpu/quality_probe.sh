@@ -31,8 +31,9 @@ evaluate() {  # evaluate NAME MODEL K: one JSON row in $R/eval_NAME_kK_val.json
 }
 row() {  # row NAME [overrides]: time-limited E2E fine-tune of the student, then its K = 1, 2, 4 validation rows
   local name=$1; shift
-  timeout "${ROW_SECONDS:-150}" $E finetune --preset base --run-dir "$R/$name" init="$LCM" train.steps=100000 \
-    train.batch_size=32 samples_per_caption=4 train.checkpoint_every=50 train.log_every=10 train.progress=false \
+  local secs=${ROW_SECONDS:-150}   # train.max_seconds stops cleanly and exports; timeout only guards a hang
+  timeout $((secs + 120)) $E finetune --preset base --run-dir "$R/$name" init="$LCM" train.steps=100000 \
+    train.max_seconds="$secs" train.batch_size=32 samples_per_caption=4 train.checkpoint_every=50 train.log_every=10 train.progress=false \
     train.device="$DEV" "$@" > "$R/$name.log" 2>&1
   [ -f "$R/$name/model.safetensors" ] || { echo "$name: no model"; return 1; }
   for k in 1 2 4; do evaluate "$name" "$R/$name/model.safetensors" $k; done
@@ -50,12 +51,17 @@ if [[ "${STAGE:-all}" == probe || "${STAGE:-all}" == all ]]; then
   # w=1.0 rows train at the unguided input (the CPU probes: less drift) and, like every row, are sampled at w = 1.5
   (for k in 1 2 4; do evaluate student "$LCM" $k; done; echo "student done"; save) &
   row fscore_w1_lr1e-6 loss.space=features $F $MIX w=1.0 optim.lr=1e-6 &
-  row fscore_w1_lr3e-7 loss.space=features $F $MIX w=1.0 optim.lr=3e-7 &
   row fbank_w1_lr1e-6 loss.space=features loss.real_bank=16 $F $MIX w=1.0 optim.lr=1e-6 &
-  row fbank_gan_w1_lr1e-6 loss.space=features loss.real_bank=16 loss.gan=0.1 loss.gan_space=features loss.r1=1.0 \
+  row fbank_w1_lr3e-6 loss.space=features loss.real_bank=16 $F $MIX w=1.0 optim.lr=3e-6 &
+  # the adversarial term as DMD2 / ADD do it: hinge heads on the frozen feature network, R1, energy as the regulariser
+  row fbank_gan0.1_w1_lr1e-6 loss.space=features loss.real_bank=16 loss.gan=0.1 loss.gan_space=features loss.r1=1.0 \
+    $F $MIX w=1.0 optim.lr=1e-6 &
+  row fbank_gan1_w1_lr1e-6 loss.space=features loss.real_bank=16 loss.gan=1.0 loss.gan_space=features loss.r1=1.0 \
     $F $MIX w=1.0 optim.lr=1e-6 &
   row lscore_w1_lr1e-6 $MIX w=1.0 optim.lr=1e-6 &
   row distribution_preset_lr1e-6 loss.space=features loss.real_bank=16 $F $MIX w_range=[1.0,2.0] optim.lr=1e-6 &
+  row distribution_gan0.5_lr1e-6 loss.space=features loss.real_bank=16 loss.gan=0.5 loss.gan_space=features \
+    loss.r1=1.0 $F $MIX w_range=[1.0,2.0] optim.lr=1e-6 &
   wait
   save
   python3 - "$R" <<'EOF'
