@@ -87,6 +87,8 @@ def main() -> None:
     p.add_argument("--timeout", type=float, default=300, help="seconds per variant")
     p.add_argument("--only", nargs="*", help="variant names to run")
     p.add_argument("--output", type=Path, help="write the rows as JSON here")
+    p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
+                   help="config overrides added to every variant (e.g. a GAN loss: loss.gan=1.0 loss.r1=1.0)")
     p.add_argument("rest", nargs="*")
     args = p.parse_args()
     if args.worker:
@@ -109,12 +111,12 @@ def main() -> None:
 
     device = torch.cuda.get_device_name(0) if args.device.startswith("cuda") else "cpu"
     print(f"# {time.strftime('%Y-%m-%d %H:%M')} · {device} · torch {torch.__version__} · preset {args.preset} · "
-          f"K = 4 · {args.batch} captions × m = 4 · {args.warmup} warm-up + {args.iters} timed steps", flush=True)
+          f"K = 4 · {args.batch} captions × m = 4 · {args.warmup} warm-up + {args.iters} timed steps{' · ' + ' '.join(args.set) if args.set else ''}", flush=True)
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for name, src, overrides in variants:
             row = run_variant(name.replace(" ", "_").replace(",", "").replace("(", "").replace(")", ""), src,
-                              overrides, args, Path(tmp))
+                              [*overrides, *args.set], args, Path(tmp))
             row["variant"] = name
             rows.append(row)
             if "error" in row:

@@ -258,6 +258,30 @@ def test_compiled_training_matches_eager_and_keeps_parameter_names(tmp_path, mon
         torch.testing.assert_close(exports["max-autotune-no-cudagraphs"][k], v, rtol=1e-5, atol=1e-6)
 
 
+def test_compiled_training_with_gan_and_r1_penalty(tmp_path, monkeypatch):
+    """Only the trained network is compiled: R1 differentiates the discriminator twice (create_graph=True), which a
+    compiled backward with donated buffers refuses (seen on an H100 with mode=reduce-overhead, 2026-12-06)."""
+    from e2ediff.checkpoint import load_model_file
+
+    compiled = []
+    real_compile = torch.compile
+
+    def aot_compile(fn=None, **kwargs):         # AOTAutograd for real (donated buffers), no C++ codegen
+        compiled.append(fn)
+        kwargs.pop("mode", None)
+        return real_compile(fn, backend="aot_eager", **kwargs)
+
+    monkeypatch.setattr(torch, "compile", aot_compile)
+    cfg = FinetuneRun(init="memory", sampler_steps=2, samples_per_caption=2, optim=OptimConfig(lr=1e-3),
+                      loss=E2ELoss(energy=1.0, gan=0.1, r1=1.0),
+                      train=TrainConfig(steps=2, batch_size=4, ema_decay=0.9, device="cpu", progress=False,
+                                        log_every=1, checkpoint_every=2, compile="default"))
+    task = FinetuneTask(cfg, torch.device("cpu"), data=StandInData(), init=student_pipeline())
+    train(task, cfg.train, tmp_path / "run", cfg, "finetune")
+    assert len(compiled) == 1 and compiled[0].__self__ is task.parts[0].module   # the student, not the disc
+    assert load_model_file(tmp_path / "run" / "model.safetensors")[0]
+
+
 def test_keep_exports_writes_each_checkpoints_model_file(tmp_path):
     cfg = FinetuneRun(init="memory", sampler_steps=1, samples_per_caption=2, optim=OptimConfig(lr=1e-3),
                       train=TrainConfig(steps=4, batch_size=4, ema_decay=0.9, device="cpu", progress=False,

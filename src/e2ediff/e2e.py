@@ -337,7 +337,7 @@ class FinetuneTask(Task):
                                       image_channels=ae.config.in_channels, image_size=ae.config.image_size).to(device)
         self.parts = [Part("net", net, cfg.optim, cfg.train.ema_decay)]
         if self.objective.disc is not None:
-            self.parts.append(Part("disc", self.objective.disc, cfg.disc_optim, 0.0))
+            self.parts.append(Part("disc", self.objective.disc, cfg.disc_optim, 0.0, compile=False))
         self.stream = BatchStream(len(self.data), cfg.train.batch_size, cfg.train.seed)
 
     def losses(self, step, generator):

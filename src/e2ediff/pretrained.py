@@ -145,7 +145,7 @@ class PretrainedFinetuneTask(Task):
                            timestep_scaling=self.pp.timestep_scaling)
         self.parts = [Part("net", unroll, cfg.optim, cfg.train.ema_decay, trainable_only=True, ddp=True)]
         if self.objective.disc is not None:
-            self.parts.append(Part("disc", self.objective.disc, cfg.disc_optim, 0.0))
+            self.parts.append(Part("disc", self.objective.disc, cfg.disc_optim, 0.0, compile=False))
         self.stream = BatchStream(len(self.data), cfg.train.batch_size, cfg.train.seed)
 
     def draws(self, step: int) -> tuple[list[torch.Generator], torch.Generator]:

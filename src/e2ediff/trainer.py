@@ -49,6 +49,8 @@ class Part:
     trainable_only: bool = False         # checkpoints and EMA hold the trainable parameters only (LoRA, frozen bases)
     ddp: bool = False                    # several processes: DistributedDataParallel through accelerator.prepare
                                          # (the module's forward must be the whole step: one call per backward)
+    compile: bool = True                 # train.compile applies; off for a discriminator whose R1 penalty
+                                         # differentiates it twice (a compiled backward with donated buffers refuses)
 
 
 def part_state(part: Part, module: nn.Module) -> dict[str, torch.Tensor]:
@@ -319,7 +321,7 @@ def train(task: Task, cfg: TrainConfig, run_dir: Path, run_config: Any, command:
     # one backward (and a GAN uses its discriminator twice), which DDP's reducer does not allow without a static
     # graph. Gradients are averaged over processes explicitly after each backward instead (_average_gradients).
     if cfg.compile != "no":   # in place: parameter names, checkpoints and exports are unchanged
-        for part in task.parts:
+        for part in (p for p in task.parts if p.compile):
             part.module.compile(mode=None if cfg.compile == "default" else cfg.compile)
     # A part with ddp=True (one forward call per step that runs the whole unrolled sampler inside) is wrapped in DDP.
     task._prepared = {p.name: accelerator.prepare_model(p.module) if p.ddp and accelerator.num_processes > 1
