@@ -111,7 +111,8 @@ def main() -> None:
 
     device = torch.cuda.get_device_name(0) if args.device.startswith("cuda") else "cpu"
     print(f"# {time.strftime('%Y-%m-%d %H:%M')} · {device} · torch {torch.__version__} · preset {args.preset} · "
-          f"K = 4 · {args.batch} captions × m = 4 · {args.warmup} warm-up + {args.iters} timed steps{' · ' + ' '.join(args.set) if args.set else ''}", flush=True)
+          f"K = 4 · {args.batch} captions × m = 4 · {args.warmup} warm-up + {args.iters} timed steps"
+          + (" · " + " ".join(args.set) if args.set else ""), flush=True)
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for name, src, overrides in variants:

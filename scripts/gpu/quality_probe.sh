@@ -2,7 +2,8 @@
 # Issue #9 on one GPU: the speed benchmark, then E2E recipe rows against the shipped `base` student, side by side.
 #
 #   STAGE=bench bash scripts/gpu/quality_probe.sh      # benchmarks/e2e_speed.py: old code vs today's variants
-#   STAGE=probe bash scripts/gpu/quality_probe.sh      # recipe rows (concurrent) + the student, validation split
+#   STAGE=probe bash scripts/gpu/quality_probe.sh      # round 1: recipe rows (concurrent) + the student, validation split
+#   STAGE=gan   bash scripts/gpu/quality_probe.sh      # round 2: the adversarial rows (FAST=... compiles them)
 #   STAGE=all   bash scripts/gpu/quality_probe.sh      # both, bench first
 #
 # Inputs (ignored by git, carried to the GPU machine): .gpu/fashion-mnist (the IDX .gz files), .gpu/cache (the MiniLM
@@ -43,7 +44,9 @@ row() {  # row NAME [overrides]: time-limited E2E fine-tune of the student, then
     train $(( secs - (SECONDS - t0) > 30 ? secs - (SECONDS - t0) : 30 )) "$@"; }
   [ -f "$R/$name/model.safetensors" ] || { echo "$name: no model"; return 1; }
   for k in 1 2 4; do evaluate "$name" "$R/$name/model.safetensors" $k; done
-  echo "$name done: step $(python3 -c "import json,sys; from e2ediff.checkpoint import read_model_meta as r; print(r(sys.argv[1]).get('step'))" "$R/$name/model.safetensors")"
+  local step; step=$(python3 -c "import sys; from e2ediff.checkpoint import read_model_meta as r
+print(r(sys.argv[1]).get('step'))" "$R/$name/model.safetensors")
+  echo "$name done: step $step"
   save
 }
 FAST=${FAST:-}
@@ -87,15 +90,5 @@ if [[ "${STAGE:-all}" == gan ]]; then   # round 2: the adversarial term leads (r
 fi
 if [[ "${STAGE:-all}" != bench ]]; then
   save
-  python3 - "$R" <<'EOF'
-import glob, json, os, sys
-rows = {}
-for f in sorted(glob.glob(os.path.join(sys.argv[1], "eval_*_val.json"))):
-    r = json.load(open(f)); name = os.path.basename(f)[5:].rsplit("_k", 1)[0]
-    rows.setdefault(name, {})[r["nfe"]] = r
-print(f"{'row':24s} " + " ".join(f"K={k}: FD / align / div".ljust(28) for k in (1, 2, 4)))
-for name, by_k in rows.items():
-    print(f"{name:24s} " + " ".join((f"{by_k[k]['fd']:.3f} / {by_k[k]['alignment']:.3f} / {by_k[k]['diversity_rel']:.3f}"
-                                     if k in by_k else "-").ljust(28) for k in (1, 2, 4)))
-EOF
+  python3 scripts/results_probe.py "$R" --plain
 fi
