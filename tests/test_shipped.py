@@ -11,6 +11,7 @@ import torch
 from e2ediff.assets import load_autoencoder, load_pipeline
 from e2ediff.checkpoint import load_model_file, read_model_meta, split_prefix
 from e2ediff.cli import main
+from e2ediff.generate import SamplerSpec
 from e2ediff.models.autoencoder import PRESETS as AE_PRESETS
 from e2ediff.models.dit import PRESETS as DIT_PRESETS
 from helpers import all_tensors, fake_env, fake_env_paths, pipeline_files, run_error  # noqa: F401
@@ -59,7 +60,8 @@ def test_shipped_pipeline_files():
     # the E2E model is a fine-tune of the shipped student, not a copy of it
     student, e2e = all_tensors(folder / "lcm.safetensors"), all_tensors(folder / "e2e.safetensors")
     assert any(not torch.equal(student[k], e2e[k]) for k in student if k.startswith("net/"))
-    assert read_model_meta(folder / "e2e.safetensors")["sampler"] == read_model_meta(folder / "lcm.safetensors")["sampler"]
+    spec = {name: SamplerSpec.from_meta(read_model_meta(folder / f"{name}.safetensors")) for name in ("e2e", "lcm")}
+    assert spec["e2e"] == spec["lcm"]                   # the student's default sampler (w, timesteps, LCM boundary)
 
 
 def test_shipped_base_one_step_model():
