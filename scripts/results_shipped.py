@@ -8,7 +8,9 @@ import json
 import sys
 from pathlib import Path
 
-NAMES = {"lcm": "LCM student (`base/lcm`)", "e2e": "E2E, shipped (`base/e2e`)",
+NAMES = {"lcm": "LCM student (`base/lcm`)",
+         "e2e_old": "E2E energy + LPIPS, K = 4 (`base/e2e` until 2026-12-06)",
+         "e2e": "E2E adversarial, K ∈ {1, 2, 4} (`base/e2e` from 2026-12-06)",
          "e2e_1step": "E2E one-step, shipped (`base/e2e_1step`)"}
 
 
