@@ -33,6 +33,10 @@ def check_fsdp(accelerator, parts) -> None:
     if not any(p.ddp for p in parts):
         raise ValueError("an FSDP accelerate config (distributed_type: FSDP) shards only parts whose forward is the "
                          "whole step (e2ediff finetune --pretrained); use DDP (no FSDP config) for this command")
+    whole = [p.name for p in parts if not p.ddp]
+    if whole:   # measured: a GAN discriminator's explicit all-reduce next to FSDP's collectives hung (2 gloo processes)
+        raise ValueError(f"an FSDP accelerate config (distributed_type: FSDP) does not yet train the unsharded parts "
+                         f"{whole} (the GAN discriminator: loss.gan > 0); set loss.gan=0 or use DDP (no FSDP config)")
 
 
 def trainable_names(module: nn.Module) -> list[str]:

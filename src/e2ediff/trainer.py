@@ -341,14 +341,12 @@ def train(task: Task, cfg: TrainConfig, run_dir: Path, run_config: Any, command:
         for part in (p for p in task.parts if p.compile):
             part.module.compile(mode=None if cfg.compile == "default" else cfg.compile)
     if sharded:
-        # FSDP2: each ddp part is sharded with its optimizer (accelerate swaps the optimizer's parameters for the
-        # shards); its saved optimizer state is loaded only now, and its EMA is split like its parameters.
+        # FSDP2 (every part is a ddp part: fsdp.check_fsdp): each is sharded with its optimizer (accelerate swaps the
+        # optimizer's parameters for the shards); its saved optimizer state is loaded only now, and its EMA is split
+        # like its parameters.
         task.before_sharding()
         task._prepared, opts = {}, {}
         for p in task.parts:
-            if not p.ddp:   # whole on every process; gradients averaged explicitly, as without FSDP
-                task._prepared[p.name], opts[p.name] = p.module, accelerator.prepare(optimizers[p.name])
-                continue
             task._prepared[p.name], opts[p.name] = accelerator.prepare(p.module, optimizers[p.name])
             if p.name in deferred_optim:
                 fsdp.load_whole_optimizer_state(p.module, optimizers[p.name], deferred_optim[p.name])
