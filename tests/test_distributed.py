@@ -1,9 +1,14 @@
-"""Several processes: each takes its slice of the global batch, and gradients are averaged over processes."""
+"""Several processes: each takes its slice of the global batch, and gradients are averaged over processes; FSDP
+settings the loop cannot honour are refused."""
+from types import SimpleNamespace
+
+import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from e2ediff.trainer import BatchStream, _average_gradients
+from e2ediff.fsdp import check_fsdp
+from e2ediff.trainer import BatchStream, Part, _average_gradients
 
 
 def test_rank_slices_partition_the_global_batch():
@@ -37,3 +42,20 @@ def test_averaged_gradients_equal_the_single_process_gradient(tmp_path):
     model(x).pow(2).mean().backward()                 # mean over 8 = mean of the two halves' means
     for got, want in zip(averaged, [p.grad for p in model.parameters()]):
         torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-7)
+
+
+def test_fsdp_settings_the_loop_cannot_honour_are_refused_by_their_config_field():
+    def accelerator(version=2, checkpointing=False):
+        plugin = SimpleNamespace(activation_checkpointing=checkpointing)
+        return SimpleNamespace(is_fsdp2=version == 2, state=SimpleNamespace(fsdp_plugin=plugin))
+
+    whole_step = [Part("net", torch.nn.Linear(2, 2), None, ddp=True)]
+    check_fsdp(accelerator(), whole_step)
+    with pytest.raises(ValueError, match="fsdp_version: 2"):
+        check_fsdp(accelerator(version=1), whole_step)
+    with pytest.raises(ValueError, match="fsdp_activation_checkpointing"):
+        check_fsdp(accelerator(checkpointing=True), whole_step)
+    with pytest.raises(ValueError, match="distributed_type: FSDP"):
+        check_fsdp(accelerator(), [Part("net", torch.nn.Linear(2, 2), None)])
+    with pytest.raises(ValueError, match="loss.gan"):
+        check_fsdp(accelerator(), [*whole_step, Part("disc", torch.nn.Linear(2, 2), None)])

@@ -139,14 +139,40 @@ def _free_port():
         return s.getsockname()[1]
 
 
-def _rank(rank, world, port, argv):
+def _rank(rank, world, port, argv, fsdp_env=None):
     os.environ.update({"RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(world),
                        "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)})
     torch.set_num_threads(1)
     from accelerate.state import AcceleratorState
 
     AcceleratorState._reset_state(reset_partial_state=True)   # forked: forget the parent's one-process state
+    if fsdp_env is None:
+        assert main(argv) == 0
+        return
+    # `accelerate launch` turns an FSDP config's fsdp_config into these variables. accelerate 1.16 then switches to
+    # FSDP only for GPU-like distributed types (MULTI_GPU, ...), so on CPU the test sets the state's distributed type
+    # itself, with the plugin the variables describe; sharding, reduce-scatter and state dicts are torch's on gloo.
+    from accelerate import Accelerator, FullyShardedDataParallelPlugin
+    from accelerate.state import PartialState
+    from accelerate.utils import DistributedType
+
+    from e2ediff import fsdp
+
+    os.environ.update(fsdp_env)
+    state = Accelerator(cpu=True).state
+    state.distributed_type = DistributedType.FSDP
+    state.fsdp_plugin = FullyShardedDataParallelPlugin()
+    PartialState().distributed_type = DistributedType.FSDP   # as AcceleratorState records its own choice there
+    shards = []
+    gather = fsdp.whole_model_state
+
+    def observed(module, trainable_only):   # what each checkpoint gathers: the trainable parameters, split
+        shards.append([(p.to_local().numel(), p.numel()) for p in module.parameters() if p.requires_grad])
+        return gather(module, trainable_only)
+
+    fsdp.whole_model_state = observed
     assert main(argv) == 0
+    assert shards and all(local < whole for local, whole in shards[-1] if whole >= world), shards[-1][:4]
 
 
 def test_two_gloo_processes_equal_one_process_with_the_doubled_batch(folders, tmp_path):
@@ -247,3 +273,63 @@ def test_the_launchers_mixed_precision_is_honoured(folders, tmp_path, monkeypatc
     state = load_checkpoint(run / "checkpoints" / "step_00000001")[1]
     assert state["mixed_precision"] == "bf16"
     assert state["config"]["train"]["mixed_precision"] == "auto"
+
+
+# What `accelerate launch` sets for an FSDP config with fsdp_version: 2, auto wrap per transformer block (README).
+FSDP_ENV = {"ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "2", "FSDP_AUTO_WRAP_POLICY": "TRANSFORMER_BASED_WRAP",
+            "FSDP_TRANSFORMER_CLS_TO_WRAP": "BasicTransformerBlock", "FSDP_RESHARD_AFTER_FORWARD": "true"}
+
+
+def fsdp_finetune(folders, base, run_dir, *extra):
+    argv = finetune_argv(folders, base, run_dir, *extra)
+    mp.start_processes(_rank, args=(2, _free_port(), argv, FSDP_ENV), nprocs=2, join=True, start_method="fork")
+
+
+def assert_same_run(got, want, prefixes=("net/", "ema/", "optim/")):
+    assert got.keys() == want.keys()
+    for k in want:
+        if k.startswith(prefixes):
+            torch.testing.assert_close(got[k], want[k], rtol=1e-5, atol=1e-6, msg=k)
+
+
+def test_fsdp_full_finetune_on_two_gloo_processes_equals_one_process(folders, tmp_path):
+    """FSDP2 over 2 CPU processes, 1 image each, = 1 process with both images: weights, EMA and AdamW moments in the
+    checkpoint (whole tensors, the one-process file layout) and the exported pipeline; a run checkpointed under FSDP
+    and resumed in one process (no FSDP) continues the same run."""
+    one, two, mixed = tmp_path / "one", tmp_path / "two", tmp_path / "mixed"
+    # The key biases' gradient is zero up to rounding (softmax ignores a shift shared by all keys), and Adam with the
+    # default eps turns that rounding noise into full-size steps of either sign: eps 1e-3 keeps such steps small.
+    extra = ["train.deterministic=false", "optim.eps=1e-3"]
+    finetune(folders, "pixart", one, *extra)
+    fsdp_finetune(folders, "pixart", two, *extra)
+    a = checkpoint_tensors(one, 2)
+    assert_same_run(checkpoint_tensors(two, 2), a)
+    assert load_checkpoint(two / "checkpoints" / "step_00000002")[1]["num_processes"] == 2
+    wa = load_file(str(one / "pipeline" / "transformer" / "diffusion_pytorch_model.safetensors"))
+    wb = load_file(str(two / "pipeline" / "transformer" / "diffusion_pytorch_model.safetensors"))
+    assert wa.keys() == wb.keys()
+    for k in wa:
+        torch.testing.assert_close(wb[k], wa[k], rtol=1e-5, atol=1e-6, msg=k)
+    fsdp_finetune(folders, "pixart", mixed, *extra, "train.steps=1")
+    finetune(folders, "pixart", mixed, *extra)
+    assert_same_run(checkpoint_tensors(mixed, 2), a)
+
+
+def test_fsdp_lora_on_two_gloo_processes_equals_one_process(folders, tmp_path):
+    """The same for SD LoRA: checkpoints and EMA hold the adapters only, never the frozen UNet; a one-process
+    checkpoint resumed under FSDP (into the sharded model and optimizer) continues the same run."""
+    one, two, mixed = tmp_path / "one", tmp_path / "two", tmp_path / "mixed"
+    extra = ["--lora-rank", "2", "train.deterministic=false"]
+    finetune(folders, "sd", one, *extra)
+    fsdp_finetune(folders, "sd", two, *extra)
+    a, b = checkpoint_tensors(one, 2), checkpoint_tensors(two, 2)
+    assert all("lora_" in k for k in b if k.startswith(("net/", "ema/")))
+    assert_same_run(b, a)
+    la = load_file(str(one / "lora" / "pytorch_lora_weights.safetensors"))
+    lb = load_file(str(two / "lora" / "pytorch_lora_weights.safetensors"))
+    assert la.keys() == lb.keys()
+    for k in la:
+        torch.testing.assert_close(lb[k], la[k], rtol=1e-5, atol=1e-6, msg=k)
+    finetune(folders, "sd", mixed, *extra, "train.steps=1")
+    fsdp_finetune(folders, "sd", mixed, *extra)
+    assert_same_run(checkpoint_tensors(mixed, 2), a)

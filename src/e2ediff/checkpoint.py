@@ -108,7 +108,11 @@ def sha256_file(path: Path) -> str:
 
 
 def optimizer_state(opt: torch.optim.Optimizer, prefix: str) -> tuple[dict[str, torch.Tensor], dict]:
-    sd = opt.state_dict()
+    return optimizer_state_tensors(opt.state_dict(), prefix)
+
+
+def optimizer_state_tensors(sd: dict, prefix: str) -> tuple[dict[str, torch.Tensor], dict]:
+    """An optimizer state dict (``{"state": {index: {...}}, "param_groups": [...]}``) as tensors + JSON."""
     tensors: dict[str, torch.Tensor] = {}
     scalars: dict[str, dict] = {}
     for idx, st in sd["state"].items():
@@ -121,6 +125,11 @@ def optimizer_state(opt: torch.optim.Optimizer, prefix: str) -> tuple[dict[str, 
 
 
 def load_optimizer_state(opt: torch.optim.Optimizer, prefix: str, tensors: dict[str, torch.Tensor], meta: dict) -> None:
+    opt.load_state_dict(saved_optimizer_state(prefix, tensors, meta))
+
+
+def saved_optimizer_state(prefix: str, tensors: dict[str, torch.Tensor], meta: dict) -> dict:
+    """The optimizer state dict that ``optimizer_state_tensors`` wrote as tensors + JSON."""
     state: dict[int, dict] = {}
     head = f"{prefix}/state/"
     for key, v in tensors.items():
@@ -129,7 +138,7 @@ def load_optimizer_state(opt: torch.optim.Optimizer, prefix: str, tensors: dict[
             state.setdefault(int(idx), {})[k] = v
     for idx, st in meta["scalars"].items():
         state.setdefault(int(idx), {}).update(st)
-    opt.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
+    return {"state": state, "param_groups": meta["param_groups"]}
 
 
 def rng_state() -> tuple[dict[str, torch.Tensor], dict]:

@@ -13,7 +13,9 @@ What differs from the miniature:
     --merge-lora: pipeline_merged/ the adapters folded into the base, a complete pipeline folder
   each with e2ediff.json (the base, the sampler the run trained), read by `e2ediff sample --pretrained`.
 - several processes: the whole unrolled step is one forward call of a DDP-wrapped module (`Part.ddp`), so the K
-  network calls and their recomputation in backward stay inside one DDP iteration.
+  network calls and their recomputation in backward stay inside one DDP iteration; under an FSDP accelerate config
+  the same module is sharded by FSDP2 (e2ediff.fsdp), and process 0 exports from a whole CPU copy of the trained
+  network made before sharding (`before_sharding`), into which the gathered EMA weights are swapped.
 """
 from __future__ import annotations
 
@@ -21,7 +23,7 @@ import copy
 import json
 import os
 import shutil
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Literal
 
@@ -189,6 +191,14 @@ class PretrainedFinetuneTask(Task):
     # ------------------------------------------------------------------------------------------------------------
     # Outputs a user loads without us
 
+    def before_sharding(self):
+        """FSDP is about to shard the trained network in place: process 0 keeps a whole copy on the CPU to export from."""
+        if int(os.environ.get("RANK", 0)) != 0:
+            return
+        net = copy.deepcopy(self.pp.net).to("cpu")
+        pipe = type(self.pp.pipe)(**{**self.pp.pipe.components, self.pp.trained_name: net.model})
+        self._export_pp = replace(self.pp, pipe=pipe, net=net)
+
     def sampler_meta(self) -> dict:
         return {"name": "lcm", "steps": len(self.timesteps), "timesteps": self.timesteps, "w": self.w,
                 "renoise": self.cfg.renoise}
@@ -197,7 +207,8 @@ class PretrainedFinetuneTask(Task):
         prefix = "net.model."                                        # E2EUnroll.net (adapter) .model (diffusers)
         ema = {k[len(prefix):]: v for k, v in weights["net"].items() if k.startswith(prefix)}
         base = Path(self.cfg.init).resolve() if Path(self.cfg.init).exists() else self.cfg.init   # path or hub id
-        write_outputs(self.pp, ema, self.cfg.pretrained, self.output_dir, self.sampler_meta(), str(base))
+        pp = getattr(self, "_export_pp", self.pp)                  # FSDP: the whole copy (before_sharding)
+        write_outputs(pp, ema, self.cfg.pretrained, self.output_dir, self.sampler_meta(), str(base))
         return None
 
 

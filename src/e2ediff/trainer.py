@@ -27,8 +27,8 @@ import torch
 from torch import nn
 
 from e2ediff.checkpoint import (atomic_write_bytes, latest_checkpoint, load_optimizer_state, load_rng_state, load_state_strict,
-                                optimizer_state, rng_state, save_checkpoint, save_model_file, split_prefix,
-                                with_prefix, CheckpointError, TRAINING_FIELDS)
+                                optimizer_state_tensors, rng_state, save_checkpoint, save_model_file,
+                                saved_optimizer_state, split_prefix, with_prefix, CheckpointError, TRAINING_FIELDS)
 from e2ediff.config import OptimConfig, TrainConfig, dump_yaml, to_dict
 from e2ediff.guards import config_changes, describe_changes
 from e2ediff.ema import EMA
@@ -47,7 +47,8 @@ class Part:
     optim: OptimConfig
     ema_decay: float = 0.0
     trainable_only: bool = False         # checkpoints and EMA hold the trainable parameters only (LoRA, frozen bases)
-    ddp: bool = False                    # several processes: DistributedDataParallel through accelerator.prepare
+    ddp: bool = False                    # several processes: DistributedDataParallel through accelerator.prepare,
+                                         # or FSDP2 under an FSDP accelerate config (e2ediff.fsdp)
                                          # (the module's forward must be the whole step: one call per backward)
     compile: bool = True                 # train.compile applies; off for a discriminator whose R1 penalty
                                          # differentiates it twice (a compiled backward with donated buffers refuses)
@@ -87,6 +88,10 @@ class Task:
 
     def after_step(self, step: int) -> None:
         """Called after the optimizer steps of ``step`` (e.g. the LCM target network's EMA)."""
+
+    def before_sharding(self) -> None:
+        """Called on every process before FSDP shards the ``ddp`` parts: keep what ``export`` needs whole (it runs on
+        process 0 with whole weights, while the parts' modules hold only their shards from now on)."""
 
     def extra_tensors(self) -> dict[str, torch.Tensor]:
         return {}
@@ -157,6 +162,17 @@ def _average_gradients(params: list[torch.Tensor], world: int) -> None:
             p.grad = torch.zeros_like(p)
         dist.all_reduce(p.grad, op=dist.ReduceOp.SUM)
         p.grad.div_(world)
+
+
+def _apply_changed_optim(task: Task, optimizers: dict, schedulers: dict) -> None:
+    """A resume with a changed config: the loaded optimizer and scheduler carry the old hyper-parameters; apply the new."""
+    for part in task.parts:
+        o, sched = part.optim, schedulers[part.name]
+        sched.base_lrs = [o.lr for _ in sched.base_lrs]
+        sched.lr_lambdas = [_lr_lambda(o.warmup_steps) for _ in sched.lr_lambdas]
+        for group in optimizers[part.name].param_groups:
+            group.update(initial_lr=o.lr, lr=o.lr * _lr_lambda(o.warmup_steps)(sched.last_epoch),
+                         betas=(o.beta1, o.beta2), eps=o.eps, weight_decay=o.weight_decay)
 
 
 def resolve_device(name: str) -> torch.device:
@@ -242,9 +258,11 @@ def train(task: Task, cfg: TrainConfig, run_dir: Path, run_config: Any, command:
         accelerator = Accelerator(cpu=device.type == "cpu",
                                   mixed_precision=None if cfg.mixed_precision == "auto" else cfg.mixed_precision)
     main = accelerator.is_main_process
-    if accelerator.distributed_type.name == "FSDP":
-        raise ValueError("FSDP is not supported by the training loop yet (checkpoints, EMA and exports assume whole "
-                         "tensors on every process); use DDP (accelerate launch without an FSDP config)")
+    sharded = accelerator.distributed_type.name == "FSDP"   # the ddp parts go through accelerate's FSDP2 instead
+    if sharded:
+        from e2ediff import fsdp   # torch.distributed, only where it runs
+
+        fsdp.check_fsdp(accelerator, task.parts)
     if main and accelerator.mixed_precision != "no":
         print(f"mixed precision: {accelerator.mixed_precision}", file=sys.stderr)
     if accelerator.device.type == "cuda":  # TF32 matmuls: ~3e-4 relative, fine for training, much faster
@@ -268,6 +286,7 @@ def train(task: Task, cfg: TrainConfig, run_dir: Path, run_config: Any, command:
     # Resume from the newest good checkpoint of this run folder.
     start = skipped = nonfinite = 0
     changes: dict = {}
+    deferred_optim: dict[str, dict] = {}   # FSDP parts: loaded once fully_shard has replaced the optimizer's parameters
     found = latest_checkpoint(run_dir, TRAINING_FIELDS)
     saved = sorted(p.name for p in (run_dir / "checkpoints").glob("step_*") if p.is_dir())
     if found is None and saved:   # starting over would let pruning delete the new checkpoints, not the bad ones
@@ -285,7 +304,11 @@ def train(task: Task, cfg: TrainConfig, run_dir: Path, run_config: Any, command:
             except CheckpointError as e:
                 raise CheckpointError(f"{e}; resume with the config the run was started with "
                                       f"({run_dir / 'config.yaml'}) or use another --run-dir") from None
-            load_optimizer_state(optimizers[part.name], f"optim/{part.name}", tensors, state["optim"][part.name])
+            if sharded and part.ddp:
+                deferred_optim[part.name] = saved_optimizer_state(f"optim/{part.name}", tensors,
+                                                                  state["optim"][part.name])
+            else:
+                load_optimizer_state(optimizers[part.name], f"optim/{part.name}", tensors, state["optim"][part.name])
             schedulers[part.name].load_state_dict(state["sched"][part.name])
             if part.name in emas:
                 emas[part.name].load_state_dict(split_prefix(tensors, f"ema/{part.name}"))
@@ -298,14 +321,8 @@ def train(task: Task, cfg: TrainConfig, run_dir: Path, run_config: Any, command:
             raise CheckpointError(f"{run_dir} was started with another config ({describe_changes(changes)}); "
                                   f"rerun with the config in {run_dir / 'config.yaml'}, or pass --allow-changed to "
                                   f"apply the change from step {start} (recorded in config_changes.jsonl)")
-        if changes:   # the loaded optimizer and scheduler carry the old hyper-parameters: apply the new ones
-            for part in task.parts:
-                o, sched = part.optim, schedulers[part.name]
-                sched.base_lrs = [o.lr for _ in sched.base_lrs]
-                sched.lr_lambdas = [_lr_lambda(o.warmup_steps) for _ in sched.lr_lambdas]
-                for group in optimizers[part.name].param_groups:
-                    group.update(initial_lr=o.lr, lr=o.lr * _lr_lambda(o.warmup_steps)(sched.last_epoch),
-                                 betas=(o.beta1, o.beta2), eps=o.eps, weight_decay=o.weight_decay)
+        if changes:
+            _apply_changed_optim(task, optimizers, schedulers)
         if main:
             print(f"resumed from {path} at step {start}", file=sys.stderr)
     if main:  # only now: a run folder that cannot be resumed keeps the config it was started with
@@ -323,16 +340,48 @@ def train(task: Task, cfg: TrainConfig, run_dir: Path, run_config: Any, command:
     if cfg.compile != "no":   # in place: parameter names, checkpoints and exports are unchanged
         for part in (p for p in task.parts if p.compile):
             part.module.compile(mode=None if cfg.compile == "default" else cfg.compile)
-    # A part with ddp=True (one forward call per step that runs the whole unrolled sampler inside) is wrapped in DDP.
-    task._prepared = {p.name: accelerator.prepare_model(p.module) if p.ddp and accelerator.num_processes > 1
-                      else p.module for p in task.parts}
-    prepared_opts = accelerator.prepare(*[optimizers[p.name] for p in task.parts])
-    if len(task.parts) == 1:
-        prepared_opts = [prepared_opts]
-    opts = {p.name: o for p, o in zip(task.parts, prepared_opts)}
+    if sharded:
+        # FSDP2 (every part is a ddp part: fsdp.check_fsdp): each is sharded with its optimizer (accelerate swaps the
+        # optimizer's parameters for the shards); its saved optimizer state is loaded only now, and its EMA is split
+        # like its parameters.
+        task.before_sharding()
+        task._prepared, opts = {}, {}
+        for p in task.parts:
+            task._prepared[p.name], opts[p.name] = accelerator.prepare(p.module, optimizers[p.name])
+            if p.name in deferred_optim:
+                fsdp.load_whole_optimizer_state(p.module, optimizers[p.name], deferred_optim[p.name])
+            if p.name in emas:
+                emas[p.name].shadow = fsdp.shard_like(emas[p.name].shadow, p.module)
+        if deferred_optim and changes:
+            _apply_changed_optim(task, optimizers, schedulers)
+    else:
+        # A part with ddp=True (one forward call per step that runs the whole unrolled sampler inside) is wrapped in
+        # DDP.
+        task._prepared = {p.name: accelerator.prepare_model(p.module) if p.ddp and accelerator.num_processes > 1
+                          else p.module for p in task.parts}
+        prepared_opts = accelerator.prepare(*[optimizers[p.name] for p in task.parts])
+        if len(task.parts) == 1:
+            prepared_opts = [prepared_opts]
+        opts = {p.name: o for p, o in zip(task.parts, prepared_opts)}
+
+    def part_states() -> dict[str, tuple[dict, dict, dict | None]]:
+        """(weights as the checkpoint holds them, optimizer state dict, EMA or None) of each part, whole, on process 0.
+        Collective under FSDP: every process calls it, the sharded parts are gathered onto process 0."""
+        states = {}
+        for part in task.parts:
+            module, ema = accelerator.unwrap_model(part.module), emas.get(part.name)
+            if sharded and part.ddp:
+                states[part.name] = (fsdp.whole_model_state(module, part.trainable_only),
+                                     fsdp.whole_optimizer_state(module, optimizers[part.name]),
+                                     None if ema is None else fsdp.whole_tensors(ema.state_dict(), main))
+            elif main:
+                states[part.name] = (part_state(part, module), optimizers[part.name].state_dict(),
+                                     None if ema is None else ema.state_dict())
+        return states
 
     def write_checkpoint(step: int) -> None:
         accelerator.wait_for_everyone()
+        states = part_states()
         if not main:
             return
         tensors: dict[str, torch.Tensor] = {}
@@ -341,27 +390,30 @@ def train(task: Task, cfg: TrainConfig, run_dir: Path, run_config: Any, command:
                                 "num_processes": accelerator.num_processes, "skipped_steps": skipped,
                                 "nonfinite_in_row": nonfinite}
         for part in task.parts:
-            module = accelerator.unwrap_model(part.module)
-            tensors.update(with_prefix(part_state(part, module), part.name))
-            t, m = optimizer_state(optimizers[part.name], f"optim/{part.name}")
+            weights, optim, ema = states[part.name]
+            tensors.update(with_prefix(weights, part.name))
+            t, m = optimizer_state_tensors(optim, f"optim/{part.name}")
             tensors.update(t)
             meta["optim"][part.name] = m
             meta["sched"][part.name] = schedulers[part.name].state_dict()
-            if part.name in emas:
-                tensors.update(with_prefix(emas[part.name].state_dict(), f"ema/{part.name}"))
+            if ema is not None:
+                tensors.update(with_prefix(ema, f"ema/{part.name}"))
         tensors.update(with_prefix(task.extra_tensors(), "extra"))
         rng_tensors, rng_meta = rng_state()
         tensors.update(rng_tensors)
         meta["rng"] = rng_meta
         save_checkpoint(run_dir, step, tensors, meta, keep_last=cfg.keep_last)
         if skipped < step:   # a model that no step ever updated is not exported
-            export_model(step)
+            export_model(step, states)
         # The export may draw from the global RNGs (e.g. building a module); a resumed run restarts from the state
         # saved above, so the uninterrupted run must continue from that same state.
         load_rng_state(rng_tensors, rng_meta)
 
-    def export_model(step: int) -> None:
-        weights = {p.name: emas[p.name].state_dict() if p.name in emas
+    def export_model(step: int, states: dict[str, tuple[dict, dict, dict | None]]) -> None:
+        """``states``: part_states(); its weights of an FSDP part without EMA hold what its checkpoint holds (the
+        trainable parameters only with ``trainable_only``)."""
+        weights = {p.name: states[p.name][2] if p.name in emas
+                   else states[p.name][0] if sharded and p.ddp
                    else accelerator.unwrap_model(p.module).state_dict() for p in task.parts}
         exported = task.export(weights)
         if exported is not None:
@@ -450,10 +502,12 @@ def train(task: Task, cfg: TrainConfig, run_dir: Path, run_config: Any, command:
         if 0 < max(start, cfg.steps) <= skipped and main:
             raise TrainingStopped(f"every one of the {skipped} steps of this run was non-finite (skipped); no model "
                                   f"was exported. Lower the learning rate or check the data.")
-        if start >= cfg.steps and main:
-            print(f"nothing to do: the run is already at step {start} >= train.steps={cfg.steps}", file=sys.stderr)
-            if found is not None and _exported_step(run_dir / "model.safetensors") != start:
-                export_model(start)   # killed between the last checkpoint and its export: finish the export
+        if start >= cfg.steps:
+            states = part_states()   # collective under FSDP
+            if main:
+                print(f"nothing to do: the run is already at step {start} >= train.steps={cfg.steps}", file=sys.stderr)
+                if found is not None and _exported_step(run_dir / "model.safetensors") != start:
+                    export_model(start, states)   # killed between the last checkpoint and its export: finish it
     finally:
         if progress is not None:
             progress.close()
