@@ -8,7 +8,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from e2ediff.fsdp import check_fsdp
-from e2ediff.trainer import BatchStream, Part, _average_gradients
+from e2ediff.trainer import BatchStream, Part, _all_processes, _any_process, _average_gradients
 
 
 def test_rank_slices_partition_the_global_batch():
@@ -42,6 +42,27 @@ def test_averaged_gradients_equal_the_single_process_gradient(tmp_path):
     model(x).pow(2).mean().backward()                 # mean over 8 = mean of the two halves' means
     for got, want in zip(averaged, [p.grad for p in model.parameters()]):
         torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-7)
+
+
+def _decide(rank: int, world: int, init: str, out: str) -> None:
+    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
+    acc = SimpleNamespace(num_processes=world, device=torch.device("cpu"))
+    local = [True, rank == 0, False]                   # everywhere / on process 0 only / nowhere
+    torch.save({"all": [_all_processes(acc, f) for f in local], "any": [_any_process(acc, f) for f in local]},
+               f"{out}.{rank}")
+    dist.destroy_process_group()
+
+
+def test_step_decisions_are_the_same_on_every_process(tmp_path):
+    """A non-finite loss on one process skips the step on all of them, and process 0's time limit stops all of them:
+    a process that decided alone would wait forever in the next collective."""
+    out = str(tmp_path / "decisions")
+    mp.spawn(_decide, args=(2, f"file://{tmp_path / 'rendezvous'}", out), nprocs=2, join=True)
+    for rank in range(2):
+        got = torch.load(f"{out}.{rank}", weights_only=True)
+        assert got == {"all": [True, False, False], "any": [True, True, False]}, rank
+    one = SimpleNamespace(num_processes=1, device=torch.device("cpu"))
+    assert _all_processes(one, True) and not _all_processes(one, False) and _any_process(one, True)
 
 
 def test_fsdp_settings_the_loop_cannot_honour_are_refused_by_their_config_field():

@@ -4,7 +4,8 @@
 #   STAGE=bench bash scripts/gpu/quality_probe.sh      # benchmarks/e2e_speed.py: old code vs today's variants
 #   STAGE=probe bash scripts/gpu/quality_probe.sh      # round 1: recipe rows (concurrent) + the student, validation split
 #   STAGE=gan   bash scripts/gpu/quality_probe.sh      # round 2: the adversarial rows (FAST=... compiles them)
-#   STAGE=all   bash scripts/gpu/quality_probe.sh      # both, bench first
+#   STAGE=all   bash scripts/gpu/quality_probe.sh      # bench, then round 1
+#   STAGE=confirm SPLIT=test EVAL_N=10000 STEPS=800 ... # round 3: `adversarial` x 3 seeds, with and without K = 1
 #
 # Inputs (ignored by git, carried to the GPU machine): .gpu/fashion-mnist (the IDX .gz files), .gpu/cache (the MiniLM
 # prompt cache: `E2EDIFF_CACHE=$PWD/.gpu/cache e2ediff encode-prompts`), .gpu/old/src (the code before, for the
@@ -26,15 +27,17 @@ mkdir -p "$R" "$OUT"
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader 2>/dev/null || true
 save() { tar czf "$OUT/quality_rows.tgz" "$R"/*.json "$R"/*.log "$R"/*/metrics.jsonl "$R"/*/config.yaml 2>/dev/null; }
 
-evaluate() {  # evaluate NAME MODEL K: one JSON row in $R/eval_NAME_kK_val.json
-  $E evaluate --checkpoint "$2" --classifier "$CLS" --steps "$3" --num-samples "$N" --split val --device "$DEV" \
-    --w 1.5 --output "$R/eval_$1_k$3_val.json" > "$R/eval_$1_k$3.log" 2>&1
+SPLIT=${SPLIT:-val}   # choose on val; STAGE=confirm reports on test
+evaluate() {  # evaluate NAME MODEL K: one JSON row in $R/eval_NAME_kK_$SPLIT.json
+  $E evaluate --checkpoint "$2" --classifier "$CLS" --steps "$3" --num-samples "$N" --split "$SPLIT" --device "$DEV" \
+    --w 1.5 --output "$R/eval_$1_k$3_$SPLIT.json" > "$R/eval_$1_k$3.log" 2>&1
 }
 row() {  # row NAME [overrides]: time-limited E2E fine-tune of the student, then its K = 1, 2, 4 validation rows
   local name=$1; shift
   local secs=${ROW_SECONDS:-150}   # train.max_seconds stops cleanly and exports; timeout only guards a hang
   local t0=$SECONDS
-  train() { timeout $(($1 + 120)) $E finetune --preset base --run-dir "$R/$name" init="$LCM" train.steps=100000 \
+  train() { timeout $(($1 + 120)) $E finetune --preset "${PRESET:-base}" --run-dir "$R/$name" init="$LCM" \
+    train.steps="${STEPS:-100000}" \
     train.max_seconds="$1" train.batch_size=32 samples_per_caption=4 train.checkpoint_every=50 train.log_every=10 \
     train.progress=false train.device="$DEV" "${@:2}" >> "$R/$name.log" 2>&1; }
   # FAST (e.g. "train.compile=reduce-overhead checkpointing=false": CUDA graphs, 5x on an idle H100); a row whose
@@ -86,6 +89,16 @@ if [[ "${STAGE:-all}" == gan ]]; then   # round 2: the adversarial term leads (r
   row gan_only_r1_0.1_lr1e-6 loss.energy=0 loss.gan=1.0 $G loss.r1=0.1 optim.lr=1e-6 &
   row gan1_fbank_lr1e-6 loss.space=features loss.real_bank=16 loss.gan=1.0 $G optim.lr=1e-6 &
   row gan3_fbank_lr1e-6 loss.space=features loss.real_bank=16 loss.gan=3.0 $G optim.lr=1e-6 &
+  wait
+fi
+if [[ "${STAGE:-all}" == confirm ]]; then   # round 3: the shipped recipe, 3 seeds, and K = 1 taken out of the mix
+  # SPLIT=test EVAL_N=10000 STEPS=800 ROW_SECONDS=480 FAST="train.compile=reduce-overhead checkpointing=false" \
+  #   STAGE=confirm bash scripts/gpu/quality_probe.sh
+  (for k in 1 2 4; do evaluate student "$LCM" $k; done; echo "student done"; save) &
+  for seed in 0 1 2; do
+    PRESET=adversarial row "adversarial_seed$seed" loss.lpips_weights=$LP train.seed=$seed &
+    PRESET=adversarial row "adversarial_k24_seed$seed" loss.lpips_weights=$LP sampler_steps_mix=[2,4] train.seed=$seed &
+  done
   wait
 fi
 if [[ "${STAGE:-all}" != bench ]]; then

@@ -153,6 +153,23 @@ class BatchStream:
         return idx[self.rank * per:(self.rank + 1) * per]
 
 
+def _all_processes(accelerator, flag: bool) -> bool:
+    """True when ``flag`` holds on every process: one decision for all, so that no process skips a collective (a
+    non-finite step skipped on one process only would leave the others waiting in their gradient all-reduce)."""
+    if accelerator.num_processes == 1:
+        return bool(flag)
+    import torch.distributed as dist
+
+    t = torch.tensor([1.0 if flag else 0.0], device=accelerator.device)
+    dist.all_reduce(t, op=dist.ReduceOp.MIN)
+    return bool(t.item())
+
+
+def _any_process(accelerator, flag: bool) -> bool:
+    """True when ``flag`` holds on some process (e.g. process 0's time limit), the same answer everywhere."""
+    return not _all_processes(accelerator, not flag)
+
+
 def _average_gradients(params: list[torch.Tensor], world: int) -> None:
     """Mean of every gradient over the processes (a missing gradient counts as zero on that process)."""
     import torch.distributed as dist
@@ -438,7 +455,7 @@ def train(task: Task, cfg: TrainConfig, run_dir: Path, run_config: Any, command:
             gen = step_generator(cfg.seed, step, accelerator.process_index, accelerator.device)
             with accelerator.autocast():
                 losses, logs = task.losses(step, gen)
-            ok = all(torch.isfinite(v).all() for v in losses.values())
+            ok = _all_processes(accelerator, all(torch.isfinite(v).all() for v in losses.values()))
             grad_norms = {}
             if ok:
                 for part in task.parts:
@@ -492,7 +509,9 @@ def train(task: Task, cfg: TrainConfig, run_dir: Path, run_config: Any, command:
                 progress.update(1)
             if done % cfg.checkpoint_every == 0 or done == cfg.steps:
                 write_checkpoint(done)
-            if cfg.max_seconds > 0 and done < cfg.steps and time.perf_counter() - t0 >= cfg.max_seconds:
+            # every process stops at the same step (process 0's clock decides), or the next collective hangs
+            if cfg.max_seconds > 0 and done < cfg.steps and _any_process(
+                    accelerator, accelerator.is_main_process and time.perf_counter() - t0 >= cfg.max_seconds):
                 if done % cfg.checkpoint_every != 0:
                     write_checkpoint(done)
                 if main:
