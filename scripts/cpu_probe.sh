@@ -5,6 +5,7 @@
 #
 #   PROBE=losses bash scripts/cpu_probe.sh   # w drawn in [1, 2] while training: latent / feature energy, feature bank
 #   PROBE=w1     bash scripts/cpu_probe.sh   # trained at w = 1 (the unguided input), sampled at the student's w = 1.5
+#   PROBE=k24    bash scripts/cpu_probe.sh   # adversarial recipe, K from {1, 2, 4} vs {2, 4}
 #
 # STEPS (100), LR (1e-5), EVAL_N (2000), SEED (0). ~30 min on 2 cores.
 set -uo pipefail
@@ -39,5 +40,13 @@ w1)
   wait
   for name in energy_features_w1 bank_features_w1; do evaluate $name "$R/$name/model.safetensors" --w 1.5; done
   ;;
-*) echo "PROBE must be losses or w1" >&2; exit 2 ;;
+k24)   # the adversarial recipe with K drawn from {1, 2, 4} vs from {2, 4}: does training K = 1 cost K = 2?
+  ADV="loss.energy=0 loss.gan=1.0 loss.gan_space=features loss.r1=1.0 loss.lpips_weights=$LP w_range=[1.0,2.0]"
+  row adversarial_mix124 $ADV &
+  row adversarial_mix24 $ADV "sampler_steps_mix=[2,4]" &
+  wait
+  evaluate student $LCM
+  for name in adversarial_mix124 adversarial_mix24; do evaluate $name "$R/$name/model.safetensors"; done
+  ;;
+*) echo "PROBE must be losses, w1 or k24" >&2; exit 2 ;;
 esac

@@ -46,7 +46,7 @@ def from_scratch(out: Path) -> dict[str, Path]:
 def shipped_models() -> tuple[dict[str, Path], list[tuple[str, Path]]]:
     models = {"lcm": SHIPPED / "base" / "lcm.safetensors", "classifier": SHIPPED / "classifier",
               "lpips": SHIPPED / "lpips_fashion.safetensors"}
-    extra = [("E2E, shipped (best at K = 4 on val)", SHIPPED / "base" / "e2e.safetensors"),
+    extra = [("E2E, shipped (adversarial, best at K = 4 on val)", SHIPPED / "base" / "e2e.safetensors"),
              ("E2E one-step, shipped (best at K = 1 on val)", SHIPPED / "base" / "e2e_1step.safetensors")]
     for name, path in [*models.items(), *extra]:
         if not Path(path).exists():
