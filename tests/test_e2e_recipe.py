@@ -232,18 +232,24 @@ def test_recipe_options_are_validated(override, message):
 # train.compile: the networks are compiled in place; training and the exported file are unchanged
 
 
+def record_compile(monkeypatch, backend: str) -> list[tuple]:
+    """torch.compile traced for real but without C++ codegen (``backend``: eager, or aot_eager for AOTAutograd with
+    its donated buffers); returns the list of (function, mode) it is called with."""
+    calls = []
+    real_compile = torch.compile
+
+    def compile_(fn=None, **kwargs):
+        calls.append((fn, kwargs.pop("mode", None)))
+        return real_compile(fn, backend=backend, **kwargs)
+
+    monkeypatch.setattr(torch, "compile", compile_)
+    return calls
+
+
 def test_compiled_training_matches_eager_and_keeps_parameter_names(tmp_path, monkeypatch):
     from e2ediff.checkpoint import load_model_file
 
-    modes = []
-    real_compile = torch.compile
-
-    def eager_compile(fn=None, **kwargs):        # Dynamo traces for real; the eager backend skips C++ codegen
-        modes.append(kwargs.get("mode"))
-        kwargs.pop("mode", None)
-        return real_compile(fn, backend="eager", **kwargs)
-
-    monkeypatch.setattr(torch, "compile", eager_compile)
+    calls = record_compile(monkeypatch, "eager")
     exports = {}
     for compile_mode in ("no", "max-autotune-no-cudagraphs"):
         cfg = FinetuneRun(init="memory", sampler_steps=2, samples_per_caption=2, optim=OptimConfig(lr=1e-3),
@@ -252,7 +258,7 @@ def test_compiled_training_matches_eager_and_keeps_parameter_names(tmp_path, mon
         task = FinetuneTask(cfg, torch.device("cpu"), data=StandInData(), init=student_pipeline())
         train(task, cfg.train, tmp_path / compile_mode, cfg, "finetune")
         exports[compile_mode] = load_model_file(tmp_path / compile_mode / "model.safetensors")[0]
-    assert modes == ["max-autotune-no-cudagraphs"]
+    assert [mode for _, mode in calls] == ["max-autotune-no-cudagraphs"]
     assert exports["no"].keys() == exports["max-autotune-no-cudagraphs"].keys()
     for k, v in exports["no"].items():
         torch.testing.assert_close(exports["max-autotune-no-cudagraphs"][k], v, rtol=1e-5, atol=1e-6)
@@ -263,22 +269,14 @@ def test_compiled_training_with_gan_and_r1_penalty(tmp_path, monkeypatch):
     compiled backward with donated buffers refuses (seen on an H100 with mode=reduce-overhead, 2026-12-06)."""
     from e2ediff.checkpoint import load_model_file
 
-    compiled = []
-    real_compile = torch.compile
-
-    def aot_compile(fn=None, **kwargs):         # AOTAutograd for real (donated buffers), no C++ codegen
-        compiled.append(fn)
-        kwargs.pop("mode", None)
-        return real_compile(fn, backend="aot_eager", **kwargs)
-
-    monkeypatch.setattr(torch, "compile", aot_compile)
+    calls = record_compile(monkeypatch, "aot_eager")
     cfg = FinetuneRun(init="memory", sampler_steps=2, samples_per_caption=2, optim=OptimConfig(lr=1e-3),
                       loss=E2ELoss(energy=1.0, gan=0.1, r1=1.0),
                       train=TrainConfig(steps=2, batch_size=4, ema_decay=0.9, device="cpu", progress=False,
                                         log_every=1, checkpoint_every=2, compile="default"))
     task = FinetuneTask(cfg, torch.device("cpu"), data=StandInData(), init=student_pipeline())
     train(task, cfg.train, tmp_path / "run", cfg, "finetune")
-    assert len(compiled) == 1 and compiled[0].__self__ is task.parts[0].module   # the student, not the disc
+    assert len(calls) == 1 and calls[0][0].__self__ is task.parts[0].module   # the student, not the disc
     assert load_model_file(tmp_path / "run" / "model.safetensors")[0]
 
 

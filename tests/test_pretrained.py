@@ -7,6 +7,7 @@ seed; a straight run for the resumed one; one process with the doubled batch for
 import json
 import os
 import socket
+from pathlib import Path
 
 import pytest
 import torch
@@ -292,6 +293,11 @@ def assert_same_run(got, want, prefixes=("net/", "ema/", "optim/")):
             torch.testing.assert_close(got[k], want[k], rtol=1e-5, atol=1e-6, msg=k)
 
 
+def assert_same_file(got: Path, want: Path):
+    """Two safetensors exports hold the same keys and, within the run tolerance, the same tensors."""
+    assert_same_run(load_file(str(got)), load_file(str(want)), prefixes="")
+
+
 def test_fsdp_full_finetune_on_two_gloo_processes_equals_one_process(folders, tmp_path):
     """FSDP2 over 2 CPU processes, 1 image each, = 1 process with both images: weights, EMA and AdamW moments in the
     checkpoint (whole tensors, the one-process file layout) and the exported pipeline; a run checkpointed under FSDP
@@ -305,11 +311,8 @@ def test_fsdp_full_finetune_on_two_gloo_processes_equals_one_process(folders, tm
     a = checkpoint_tensors(one, 2)
     assert_same_run(checkpoint_tensors(two, 2), a)
     assert load_checkpoint(two / "checkpoints" / "step_00000002")[1]["num_processes"] == 2
-    wa = load_file(str(one / "pipeline" / "transformer" / "diffusion_pytorch_model.safetensors"))
-    wb = load_file(str(two / "pipeline" / "transformer" / "diffusion_pytorch_model.safetensors"))
-    assert wa.keys() == wb.keys()
-    for k in wa:
-        torch.testing.assert_close(wb[k], wa[k], rtol=1e-5, atol=1e-6, msg=k)
+    weights = Path("pipeline") / "transformer" / "diffusion_pytorch_model.safetensors"
+    assert_same_file(two / weights, one / weights)
     fsdp_finetune(folders, "pixart", mixed, *extra, "train.steps=1")
     finetune(folders, "pixart", mixed, *extra)
     assert_same_run(checkpoint_tensors(mixed, 2), a)
@@ -325,11 +328,8 @@ def test_fsdp_lora_on_two_gloo_processes_equals_one_process(folders, tmp_path):
     a, b = checkpoint_tensors(one, 2), checkpoint_tensors(two, 2)
     assert all("lora_" in k for k in b if k.startswith(("net/", "ema/")))
     assert_same_run(b, a)
-    la = load_file(str(one / "lora" / "pytorch_lora_weights.safetensors"))
-    lb = load_file(str(two / "lora" / "pytorch_lora_weights.safetensors"))
-    assert la.keys() == lb.keys()
-    for k in la:
-        torch.testing.assert_close(lb[k], la[k], rtol=1e-5, atol=1e-6, msg=k)
+    lora = Path("lora") / "pytorch_lora_weights.safetensors"
+    assert_same_file(two / lora, one / lora)
     finetune(folders, "sd", mixed, *extra, "train.steps=1")
     fsdp_finetune(folders, "sd", mixed, *extra)
     assert_same_run(checkpoint_tensors(mixed, 2), a)

@@ -52,17 +52,20 @@ print(r(sys.argv[1]).get('step'))" "$R/$name/model.safetensors")
   echo "$name done: step $step"
   save
 }
+student() {  # the reference row, scored like every other row in the same run
+  for k in 1 2 4; do evaluate student "$LCM" $k; done; echo "student done"; save
+}
 FAST=${FAST:-}
+F="loss.lpips_weights=$LP"
+MIX="sampler_steps_mix=[1,2,4] train.keep_exports=true"     # rows of rounds 1-2: K drawn per step, exports kept
 
 if [[ "${STAGE:-all}" == bench || "${STAGE:-all}" == all ]]; then
   python3 benchmarks/e2e_speed.py --old-src .gpu/old/src --device cuda --warmup "${BENCH_WARMUP:-15}" \
     --iters "${BENCH_ITERS:-60}" --timeout 150 --output "$OUT/e2e_speed.json"
 fi
 if [[ "${STAGE:-all}" == probe || "${STAGE:-all}" == all ]]; then
-  F="loss.lpips_weights=$LP"
-  MIX="sampler_steps_mix=[1,2,4] train.keep_exports=true"     # every row: K drawn per step, exports kept
   # w=1.0 rows train at the unguided input (the CPU probes: less drift) and, like every row, are sampled at w = 1.5
-  (for k in 1 2 4; do evaluate student "$LCM" $k; done; echo "student done"; save) &
+  student &
   row fscore_w1_lr1e-6 loss.space=features $F $MIX w=1.0 optim.lr=1e-6 &
   row fbank_w1_lr1e-6 loss.space=features loss.real_bank=16 $F $MIX w=1.0 optim.lr=1e-6 &
   row fbank_w1_lr3e-6 loss.space=features loss.real_bank=16 $F $MIX w=1.0 optim.lr=3e-6 &
@@ -78,9 +81,8 @@ if [[ "${STAGE:-all}" == probe || "${STAGE:-all}" == all ]]; then
   wait
 fi
 if [[ "${STAGE:-all}" == gan ]]; then   # round 2: the adversarial term leads (round 1: energy rows over-disperse)
-  F="loss.lpips_weights=$LP"; MIX="sampler_steps_mix=[1,2,4] train.keep_exports=true"
   G="loss.gan_space=features loss.r1=1.0 $F $MIX"; GO="loss.energy=0 loss.gan=1.0 $G"   # GO: GAN alone
-  (for k in 1 2 4; do evaluate student "$LCM" $k; done; echo "student done"; save) &
+  student &
   row gan_only_lr1e-6 $GO optim.lr=1e-6 &                  # w: the student's own 1.5
   row gan_only_lr3e-6 $GO optim.lr=3e-6 &
   row gan_only_lr1e-5 $GO optim.lr=1e-5 &
@@ -94,7 +96,7 @@ fi
 if [[ "${STAGE:-all}" == confirm ]]; then   # round 3: the shipped recipe, 3 seeds, and K = 1 taken out of the mix
   # SPLIT=test EVAL_N=10000 STEPS=800 ROW_SECONDS=480 FAST="train.compile=reduce-overhead checkpointing=false" \
   #   STAGE=confirm bash scripts/gpu/quality_probe.sh
-  (for k in 1 2 4; do evaluate student "$LCM" $k; done; echo "student done"; save) &
+  student &
   for seed in 0 1 2; do
     PRESET=adversarial row "adversarial_seed$seed" loss.lpips_weights=$LP train.seed=$seed &
     PRESET=adversarial row "adversarial_k24_seed$seed" loss.lpips_weights=$LP sampler_steps_mix=[2,4] train.seed=$seed &
