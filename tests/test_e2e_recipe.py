@@ -3,6 +3,7 @@ the feature space, hand-written energy score / energy distance with scipy's cdis
 discriminator, per-chain calls for the guidance input, and short FinetuneTask runs on tiny seeded models."""
 from __future__ import annotations
 
+import json
 import math
 
 import numpy as np
@@ -293,3 +294,74 @@ def test_keep_exports_writes_each_checkpoints_model_file(tmp_path):
     assert [read_model_meta(e)["step"] for e in exports] == [2, 4]
     assert exports[-1].read_bytes() == (tmp_path / "run" / "model.safetensors").read_bytes()
     assert exports[0].read_bytes() != exports[-1].read_bytes()
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Discriminator warm-up and the anchor to the starting model
+
+
+def gan_run(tmp_path, steps, **kw):
+    loss = E2ELoss(energy=0.0, gan=1.0, gan_space="features", r1=1.0, lpips_weights=feature_net(tmp_path),
+                   **kw.pop("loss", {}))
+    return FinetuneRun(init="memory", sampler_steps=2, samples_per_caption=2, loss=loss, optim=OptimConfig(lr=1e-3),
+                       train=TrainConfig(steps=steps, batch_size=4, ema_decay=0.0, device="cpu", progress=False,
+                                         log_every=1, checkpoint_every=steps), **kw)
+
+
+def test_disc_warmup_trains_the_discriminator_alone_then_both(tmp_path):
+    from e2ediff.checkpoint import load_model_file
+
+    def run(steps):
+        cfg = gan_run(tmp_path, steps, disc_warmup=2)
+        task = FinetuneTask(cfg, torch.device("cpu"), data=StandInData(), init=student_pipeline())
+        disc_before = {k: v.clone() for k, v in task.parts[1].module.state_dict().items()}
+        train(task, cfg.train, tmp_path / f"run{steps}", cfg, "finetune")
+        disc_after = task.parts[1].module.state_dict()
+        tensors = load_model_file(tmp_path / f"run{steps}" / "model.safetensors")[0]
+        return {k[len("net/"):]: v for k, v in tensors.items() if k.startswith("net/")}, \
+            any(not torch.equal(disc_before[k], disc_after[k]) for k in disc_before)
+
+    init = student_pipeline().net.state_dict()
+    net2, disc_moved2 = run(2)
+    assert disc_moved2 and all(torch.equal(net2[k], init[k]) for k in init)      # warm-up: the network stays put
+    net3, _ = run(3)
+    assert any(not torch.equal(net3[k], init[k]) for k in init)                 # step 3 trains it
+    rows = [json.loads(line) for line in (tmp_path / "run3" / "metrics.jsonl").read_text().splitlines()]
+    assert ["loss/net" in r for r in rows] == [False, False, True]
+    with pytest.raises(ConfigError, match="disc_warmup"):
+        validate(FinetuneRun(init="x", disc_warmup=10))                         # no GAN term to warm up
+
+
+def test_anchor_is_the_squared_distance_to_the_starting_models_sample_from_the_same_noises(tmp_path):
+    """Two tasks with the roles of the networks swapped, fed the same generator: task A's anchor must equal the mean
+    squared difference between A's sample and B's sample, computed here in float64 from the recorded outputs."""
+    perturbed = student_pipeline()
+    with torch.no_grad():
+        for p in perturbed.net.parameters():
+            p.add_(0.05 * torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())))
+    cfg = gan_run(tmp_path, 1, loss=dict(anchor=1.0), w_range=(1.0, 2.0))
+    seen = {}
+
+    def sample_of(name, task):
+        forward = task.objective.forward
+
+        def record(z0_hat, *a, **k):
+            seen[name] = z0_hat.detach().double()
+            return forward(z0_hat, *a, **k)
+        task.objective.forward = record
+        return task
+
+    a = sample_of("a", FinetuneTask(cfg, torch.device("cpu"), data=StandInData(), init=student_pipeline()))
+    a.parts[0].module.load_state_dict(perturbed.net.state_dict())
+    b = sample_of("b", FinetuneTask(cfg, torch.device("cpu"), data=StandInData(), init=perturbed))
+    b.parts[0].module.load_state_dict(student_pipeline().net.state_dict())
+    _, logs_a = a.losses(0, torch.Generator().manual_seed(7))
+    _, logs_b = b.losses(0, torch.Generator().manual_seed(7))
+    want = (seen["a"] - seen["b"]).square().mean()
+    assert want > 1e-6
+    torch.testing.assert_close(logs_a["anchor"].double(), want, rtol=1e-5, atol=0)
+    torch.testing.assert_close(logs_b["anchor"].double(), want, rtol=1e-5, atol=0)
+    # at the start (network = starting model) the anchor is 0: the same noises and w reach both samples
+    c = FinetuneTask(cfg, torch.device("cpu"), data=StandInData(), init=student_pipeline())
+    _, logs_c = c.losses(0, torch.Generator().manual_seed(7))
+    assert float(logs_c["anchor"]) == 0.0

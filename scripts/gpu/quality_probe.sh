@@ -5,7 +5,8 @@
 #   STAGE=probe bash scripts/gpu/quality_probe.sh      # round 1: recipe rows (concurrent) + the student, validation split
 #   STAGE=gan   bash scripts/gpu/quality_probe.sh      # round 2: the adversarial rows (FAST=... compiles them)
 #   STAGE=all   bash scripts/gpu/quality_probe.sh      # bench, then round 1
-#   STAGE=confirm SPLIT=test EVAL_N=10000 STEPS=800 ... # round 3: `adversarial` x 3 seeds, with and without K = 1
+#   STAGE=warm  bash scripts/gpu/quality_probe.sh      # round 3: discriminator warm-up, longer runs, slow EMA, anchor
+#   STAGE=confirm SPLIT=test EVAL_N=10000 STEPS=800 ... # `adversarial` x 3 seeds, with and without K = 1
 #
 # Inputs (ignored by git, carried to the GPU machine): .gpu/fashion-mnist (the IDX .gz files), .gpu/cache (the MiniLM
 # prompt cache: `E2EDIFF_CACHE=$PWD/.gpu/cache e2ediff encode-prompts`), .gpu/old/src (the code before, for the
@@ -91,6 +92,22 @@ if [[ "${STAGE:-all}" == gan ]]; then   # round 2: the adversarial term leads (r
   row gan_only_r1_0.1_lr1e-6 loss.energy=0 loss.gan=1.0 $G loss.r1=0.1 optim.lr=1e-6 &
   row gan1_fbank_lr1e-6 loss.space=features loss.real_bank=16 loss.gan=1.0 $G optim.lr=1e-6 &
   row gan3_fbank_lr1e-6 loss.space=features loss.real_bank=16 loss.gan=3.0 $G optim.lr=1e-6 &
+  wait
+fi
+if [[ "${STAGE:-all}" == warm ]]; then   # round 3: a calibrated discriminator first, then longer runs and a slow EMA
+  # Round 2's logs: the fresh heads start at logits near -20 and need ~600 steps to calibrate, i.e. the whole 800-step
+  # run took its GAN gradients from an uncalibrated discriminator. disc_warmup trains the heads alone first.
+  # FAST="train.compile=reduce-overhead checkpointing=false" STAGE=warm ROW_SECONDS=400 bash scripts/gpu/quality_probe.sh
+  A="loss.lpips_weights=$LP train.keep_exports=false"; W="disc_warmup=${WARMUP:-500}"; S="train.ema_decay=0.999"
+  student &
+  PRESET=adversarial row adv_lr1e-6 $A &                                  # the shipped recipe, run longer
+  PRESET=adversarial row adv_warm_lr1e-6 $A $W &
+  PRESET=adversarial row adv_warm_lr3e-6_ema999 $A $W $S optim.lr=3e-6 &
+  PRESET=adversarial row adv_warm_lr1e-5_ema999 $A $W $S optim.lr=1e-5 &
+  PRESET=adversarial row adv_warm_lr3e-6_ema999_anchor1 $A $W $S optim.lr=3e-6 loss.anchor=1.0 &
+  PRESET=adversarial row adv_warm_lr1e-5_ema999_anchor10 $A $W $S optim.lr=1e-5 loss.anchor=10.0 &
+  PRESET=adversarial row adv_warm_lr3e-6_ema999_k24 $A $W $S optim.lr=3e-6 sampler_steps_mix=[2,4] &
+  PRESET=adversarial row adv_warm_lr3e-6_ema99 $A $W train.ema_decay=0.99 optim.lr=3e-6 &
   wait
 fi
 if [[ "${STAGE:-all}" == confirm ]]; then   # round 3: the shipped recipe, 3 seeds, and K = 1 taken out of the mix

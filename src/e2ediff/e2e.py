@@ -8,6 +8,7 @@ images that share a caption pull every output to the caption's mean image.
 from __future__ import annotations
 
 import copy
+import contextlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -43,10 +44,12 @@ class E2ELoss:
     gan_loss: Literal["hinge", "nonsaturating"] = "hinge"
     gan_adaptive: bool = False           # VQGAN's adaptive λ: ‖∇L_rec‖ / ‖∇L_GAN‖ at the last layer, times λ_GAN
     r1: float = 0.0                      # R1 penalty weight on real inputs of the discriminator
+    anchor: float = 0.0                  # λ_anchor: mean (ẑ0 − ẑ0_init)², ẑ0_init the frozen starting model's sample
+                                         # from the same noises and w (ADD's distillation term, the init as teacher)
     coupling: Literal["independent", "minibatch_ot"] = "independent"  # pairing of outputs with targets (L1/L2/LPIPS)
 
     def validate(self) -> None:
-        for name in ("l1", "l2", "lpips", "energy", "energy_lambda", "gan", "r1"):
+        for name in ("l1", "l2", "lpips", "energy", "energy_lambda", "gan", "r1", "anchor"):
             _check(getattr(self, name) >= 0, f"loss.{name}", getattr(self, name), ">= 0")
         _check(self.l1 + self.l2 + self.lpips + self.energy + self.gan > 0, "loss", "all weights 0",
                "at least one positive weight among l1, l2, lpips, energy, gan")
@@ -79,6 +82,9 @@ class FinetuneRun:
     random_truncation: bool = False      # AlignProp: a random cut-off each iteration (steps before it detached)
     loss: E2ELoss = field(default_factory=E2ELoss)
     disc_optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=2e-4, beta1=0.0, beta2=0.99))
+    disc_warmup: int = 0                 # the first N steps train the discriminator alone (the network's samples drawn
+                                         # without gradient), so the network's first GAN gradients come from a
+                                         # calibrated discriminator, not from freshly initialised heads
     data: DataConfig = field(default_factory=lambda: DataConfig(caption_dropout=0.0))
     optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=1e-5, weight_decay=1e-8))
     train: TrainConfig = field(default_factory=lambda: TrainConfig(steps=300, batch_size=32, ema_decay=0.95,
@@ -99,6 +105,9 @@ class FinetuneRun:
         _check(mix is None or self.timesteps is None, "sampler_steps_mix", mix,
                "None when timesteps is set (the schedule makes each K's timesteps)")
         _check(mix is None or self.truncate == 0, "sampler_steps_mix", mix, "None when truncate > 0")
+        _check(self.disc_warmup >= 0, "disc_warmup", self.disc_warmup, ">= 0")
+        _check(self.disc_warmup == 0 or self.loss.gan > 0, "disc_warmup", self.disc_warmup,
+               "0 unless loss.gan > 0 (there is no discriminator to warm up)")
         _check(self.w_range is None or (0 < self.w_range[0] <= self.w_range[1]), "w_range", self.w_range,
                "None or [lo, hi] with 0 < lo <= hi")
 
@@ -376,14 +385,36 @@ class FinetuneTask(Task):
             bank = (self.data.images[idx.flatten()],
                     torch.arange(classes, device=idx.device).repeat_interleave(n))
         student = Denoiser(self.module("net"), self.schedule, self.prediction)
-        z0, z0_hat = e2e_step(student, self.init.autoencoder, images, cond, timesteps=timesteps,
-                              m=m, generator=generator, renoise=cfg.renoise, w=w,
-                              checkpoint=cfg.checkpointing, grad_from_step=cut,
-                              timestep_scaling=self.timestep_scaling)
-        last = self.parts[0].module.final_layer.linear.weight if cfg.loss.gan_adaptive else None
-        per_image, logs = self.objective(z0_hat, z0, images, cond, groups, m, last, bank)
+        z0 = z_T = noises = None
+        if cfg.loss.anchor > 0:     # the anchor's sample must see the same noises: draw them here, as e2e_step does
+            from e2ediff.samplers import lcm
+
+            with torch.no_grad():
+                z0 = self.init.autoencoder.encode_latents(images)
+            shape, gd = (len(images) * m, *z0.shape[1:]), generator.device
+            z_T = torch.randn(shape, generator=generator, device=gd).to(z0)
+            noises = [torch.randn(shape, generator=generator, device=gd).to(z0) for _ in range(k - 1)]
+            w_in = w if isinstance(w, torch.Tensor) or w is None else torch.full((shape[0],), float(w),
+                                                                                   device=z0.device)
+            with torch.no_grad():
+                anchor = lcm(Denoiser(self.init.net, self.schedule, self.prediction), z_T, timesteps,
+                             cond.repeat_interleave(m), renoise=cfg.renoise, noises=noises, w=w_in,
+                             checkpoint=False, timestep_scaling=self.timestep_scaling)
+        warmup = step < cfg.disc_warmup      # the discriminator trains alone: no graph through the sampler
+        with torch.no_grad() if warmup else contextlib.nullcontext():
+            z0, z0_hat = e2e_step(student, self.init.autoencoder, images, cond, timesteps=timesteps,
+                                  m=m, generator=generator, renoise=cfg.renoise, w=w,
+                                  checkpoint=cfg.checkpointing and not warmup, grad_from_step=cut,
+                                  timestep_scaling=self.timestep_scaling, z0=z0, z_T=z_T, noises=noises)
+        losses, logs = {}, {}
+        if not warmup:
+            last = self.parts[0].module.final_layer.linear.weight if cfg.loss.gan_adaptive else None
+            per_image, logs = self.objective(z0_hat, z0, images, cond, groups, m, last, bank)
+            if cfg.loss.anchor > 0:
+                term = (z0_hat - anchor).float().square().flatten(1).mean(1).view(len(images), m).mean(1)
+                per_image, logs["anchor"] = per_image + cfg.loss.anchor * term, term.detach().mean()
+            losses["net"] = per_image.mean()
         logs["sampler_steps"] = torch.tensor(float(k))
-        losses = {"net": per_image.mean()}
         if self.objective.disc is not None:
             losses["disc"], d_logs = self.objective.discriminator_loss(z0_hat, z0, images, cond,
                                                                        cfg.samples_per_caption)

@@ -459,6 +459,8 @@ def train(task: Task, cfg: TrainConfig, run_dir: Path, run_config: Any, command:
             grad_norms = {}
             if ok:
                 for part in task.parts:
+                    if part.name not in losses:      # a part that does not train this step (disc_warmup)
+                        continue
                     opt = opts[part.name]
                     opt.zero_grad(set_to_none=True)
                     accelerator.backward(losses[part.name])
