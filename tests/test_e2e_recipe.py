@@ -365,3 +365,14 @@ def test_anchor_is_the_squared_distance_to_the_starting_models_sample_from_the_s
     c = FinetuneTask(cfg, torch.device("cpu"), data=StandInData(), init=student_pipeline())
     _, logs_c = c.losses(0, torch.Generator().manual_seed(7))
     assert float(logs_c["anchor"]) == 0.0
+
+
+def test_every_finetune_preset_is_a_valid_run():
+    import dataclasses
+
+    from e2ediff.e2e import PRESETS
+
+    for name, preset in PRESETS.items():
+        validate(dataclasses.replace(preset, init="student.safetensors"))
+    anchored = PRESETS["anchored"]
+    assert anchored.loss.anchor > 0 and anchored.disc_warmup > 0 and anchored.loss.gan > 0
