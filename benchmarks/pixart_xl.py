@@ -182,7 +182,9 @@ class Bench:
             raise
         except Exception as e:                                    # one row's failure must not lose the others
             traceback.print_exc()
-            value = {"error": f"{type(e).__name__}: {' '.join(str(e).split())[:400]}"}
+            message = " ".join(str(e).split())
+            oom = "out of memory" in message.lower()             # also when a compiler wrapped the OOM
+            value = {"error": ("out of memory: " if oom else f"{type(e).__name__}: ") + message[:400]}
         if isinstance(value, dict):
             value["row_wall_s"] = round(time.perf_counter() - start, 2)
             value["graphs_compiled"] = graphs_compiled() - graphs
@@ -419,7 +421,14 @@ class Bench:
                          rel_diff_vs_ours_eager=rel(z_compiled, z_eager), rel_diff_vs_pipeline=rel(z_compiled, z_pipe))
                 per["ours_compiled"] = r["s"]
                 return r
-            self.row("sampling_ours_compiled", compiled, need="sampling_compiled")
+            r = self.row("sampling_ours_compiled", compiled, need="sampling_compiled")
+            if r is not None and "error" in r and "out of memory" not in r["error"] and chosen != "default":
+                # the compile failed with this attention order: keep the error, compile again with torch's order
+                rows = self.result["rows"]
+                rows[f"sampling_ours_compiled_error_{chosen}"] = rows.pop("sampling_ours_compiled")
+                torch._dynamo.reset()
+                chosen = self.sampling["attention"] = "default"
+                self.row("sampling_ours_compiled", compiled, need="sampling_compiled")
         self.row("sampling_summary", self.sampling_summary)
 
     def sampling_summary(self):
@@ -483,7 +492,11 @@ class Bench:
             check = self.row("attention_check", lambda: self.attention_check(chosen))
             self.train_attention = chosen if check and check.get("ok") else "default"
         if a.compile:
-            self.compile_training()
+            try:
+                self.compile_training()
+            except Exception as e:                       # then eager rows, with the reason on record
+                traceback.print_exc()
+                self.result["rows"]["training_compile_error"] = f"{type(e).__name__}: {e}"
         opt = self.optimizer()
         e2e = {}
 
