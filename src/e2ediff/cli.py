@@ -74,8 +74,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="--pretrained: the pipeline's weights dtype (default float32; bfloat16 as "
                    "from_pretrained(torch_dtype=torch.bfloat16))")
     p.add_argument("--compile", nargs="?", const="default", choices=COMPILE_MODES, metavar="MODE",
-                   help="--pretrained: torch.compile the transformer / UNet (PixArt: each transformer block, one "
-                   "shared graph); MODE one of %(choices)s (default: default)")
+                   help="--pretrained: torch.compile the transformer / UNet (PixArt: each transformer block, the "
+                   "blocks sharing their graphs); MODE one of %(choices)s (default: default)")
     p.add_argument("--fuse-qkv", action="store_true", help="--pretrained: fused q/k/v projections (diffusers' "
                    "fuse_qkv_projections; LoRA adapters are merged first)")
     p.add_argument("--attention", choices=ATTENTION_BACKENDS, default="default",
