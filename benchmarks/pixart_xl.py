@@ -1,70 +1,115 @@
-"""PixArt-XL-2 size on one GPU: E2E step vs standard step, memory flat in K, MFU, full vs LoRA, 4-step sampling.
+"""PixArt-XL-2 size on one GPU: 4-step sampling vs PixArtAlphaPipeline, E2E step (time, MFU), memory flat in K.
 
-    PYTHONPATH=src python3 benchmarks/pixart_xl.py --out pixart_xl.json --budget-s 540          # H100 / H200
-    PYTHONPATH=src python3 benchmarks/pixart_xl.py --out pixart_xl.json --budget-s 540 --compile
-    PYTHONPATH=src python3 benchmarks/pixart_xl.py --tiny --device cpu --out /tmp/tiny.json     # CPU smoke run
+    PYTHONPATH=src python3 benchmarks/pixart_xl.py --out pixart_xl.json --budget-s 480 --compile --lora-rank 0
+    PYTHONPATH=src python3 benchmarks/pixart_xl.py --out pixart_xl.json --budget-s 540                  # all eager
+    PYTHONPATH=src python3 benchmarks/pixart_xl.py --tiny --device cpu --out /tmp/tiny.json [--compile]  # smoke run
 
 Model: diffusers `PixArtTransformer2DModel` at PixArt-XL-2 size (28 blocks × 1152, 16 heads × 72, patch 2, learned
 sigma, T5 4096-d × 120 caption tokens), random weights, behind the project's adapter (e2ediff.adapters.pixart),
-512-px latents (4 × 64 × 64), batch 32, bf16 autocast over float32 master weights (`--weights bf16`: bf16 weights).
-Rows (each measured in this one process, so every ratio compares two measurements of one run):
-  standard   one diffusion training step: ε-prediction MSE at a random t, backward, AdamW
-  e2e_K      one E2E step (`e2e.e2e_step`, Algorithm 1) through K LCM steps with per-step activation checkpointing,
-             L2 on ẑ0, backward, AdamW; ratio e2e_4 / standard against the floor (4K − 1)/3
-  memory     peak `max_memory_allocated` of an E2E step at K = 1 and K = 8 (checkpointed), full and LoRA
-  mfu        model FLOPs counted by FlopCounterMode in a SEPARATE pass at batch 2 without checkpointing (the counter
-             defeats checkpointing; its memory is never reported), scaled to the batch, / time / peak FLOP/s
-  sampling   4-step LCM sampling, latents out, no grad: the project's `samplers.lcm` (compiled with --compile, and
-             eager) vs diffusers' `PixArtAlphaPipeline(prompt_embeds=…, output_type="latent")` on the same (eager)
-             transformer and batch; both speed-ups are reported
-Every row is written to --out as soon as it is measured; rows that would start after --budget-s are skipped and
-listed under "skipped".
+512-px latents (4 × 64 × 64), batch 32. Training: float32 master weights under bf16 autocast (`--weights bf16`:
+bf16 weights), AdamW (fused on CUDA). Sampling: bf16 weights. "Compiled" is the product's regional compilation
+(e2ediff.adapters.speed.compile_network: each transformer block, dynamic=False, `--compile-mode`).
+
+Rows, in this order; each is written to --out as soon as it is measured. A row that raises records its error and the
+next row runs; a row whose estimated cost (NEED_S) exceeds the time left is listed under "skipped"; at --budget-s +
+30 s the row in flight is abandoned and the file is closed. Times are medians over --iters calls after --warmup calls
+(synchronised); `first_s` is the first call alone, also given as `compile_warmup_s` when it compiled graphs
+(`graphs_compiled`: graphs compiled during the row; 0 on a compiled row means the existing graphs served).
+  flops                model FLOPs counted by FlopCounterMode in a separate eager pass at batch 2 (the counter defeats
+                       activation checkpointing; its memory is never reported), scaled to the batch: one forward, the
+                       standard step, the E2E K = 4 step (forward + backward, no recomputation)
+  sampling_*           4 LCM steps (999/759/499/259), latents out, no gradients, same noise (one generator seed per
+                       call), same T5-shaped features, same batch:
+    pipeline_bf16          diffusers' PixArtAlphaPipeline as users run it: bf16 weights (from_pretrained(torch_dtype=
+                           torch.bfloat16)), eager, prompt_embeds given, output_type="latent"  — the denominator
+    pipeline_fp32_autocast the same pipeline on float32 weights under bf16 autocast
+    ours_eager             the product path `adapters.pipeline.sample_pretrained` on the same bf16 transformer
+    ours_fused             + fused q/k/v projections (speed.fuse_qkv)
+    ours_{eager,fused}_cudnn   the same with cuDNN attention first (speed.attention_backend)
+    ours_compiled          the fastest of those four (with --attention: of those with that order) under regional
+                           torch.compile; rel_diff_*: its latents against the eager ones and the pipeline's
+    summary                speed-ups over both pipeline rows; ours vs pipeline latents (same noise)
+  attention_check      (only when the sampling rows chose a non-default attention order, which training then uses)
+                       one eager forward + backward at batch 4 with that order vs torch's default: relative difference
+                       of loss and gradients; training keeps torch's order unless they agree
+  e2e_step_K4          one E2E step (`e2e.e2e_step`, Algorithm 1) through 4 LCM steps, every step checkpointed, L2 on
+                       ẑ0, backward, AdamW; MFU = model FLOPs / time / peak, HFU adds the recomputed forwards
+  e2e_step_K4_except_last   the same with the last step not checkpointed (samplers.unroll checkpoint="except_last")
+  standard_step        one diffusion training step: ε-MSE at a random t, backward, AdamW
+  mfu                  the MFU of those three rows side by side (model FLOPs only: recomputation earns nothing)
+  e2e_step_K{1,2}, ratios   E2E / standard against the floor (4K − 1)/3
+  peak_memory_*        max_memory_allocated of an E2E step at K = 1, 4, 8 (every step checkpointed; K = 1, 8 also
+                       except_last), weights + gradients + AdamW state included; memory_K8_over_K1
+  extras (--extras, in this order):
+    memory_budget      E2E K = 4 with no per-step checkpointing: the compiled blocks save only what
+                       torch._functorch.config.activation_memory_budget = --memory-budget allows and recompute the rest
+                       in backward (recompiles); time, MFU, peak memory
+    pipeline_compiled  the pipeline's bf16 transformer under the same regional compile (compiled vs compiled)
+    bf16_weights       E2E K = 4 (except_last) with bf16 weights and bf16 AdamW, no autocast (recompiles). Not a
+                       training recipe: AdamW updates at lr 1e-6 are below bf16's resolution of the weights
+    sampling_autotune  ours_compiled again with mode max-autotune-no-cudagraphs (fresh compile)
+    lora               LoRA (--lora-rank) E2E K = 4: peak memory and time (recompiles)
 """
 from __future__ import annotations
 
 import argparse
 import contextlib
+import copy
+import gc
 import json
+import signal
 import statistics
 import sys
 import time
+import traceback
 from pathlib import Path
 
-import torch
+T0 = time.perf_counter()
 
-from e2ediff.adapters.lora import add_lora
-from e2ediff.adapters.pixart import PixArtNet
-from e2ediff.conditioning import TextCond
-from e2ediff.denoiser import Denoiser
-from e2ediff.e2e import e2e_step
-from e2ediff.samplers import lcm
-from e2ediff.schedules import VPSchedule, lcm_timesteps
+import torch  # noqa: E402
+
+from e2ediff.adapters import speed  # noqa: E402
+from e2ediff.adapters.lora import add_lora  # noqa: E402
+from e2ediff.adapters.pixart import PixArtNet  # noqa: E402
+from e2ediff.conditioning import TextCond  # noqa: E402
+from e2ediff.denoiser import Denoiser  # noqa: E402
+from e2ediff.e2e import e2e_step  # noqa: E402
+from e2ediff.schedules import VPSchedule, lcm_timesteps  # noqa: E402
 
 XL = dict(num_layers=28, attention_head_dim=72, num_attention_heads=16, caption_channels=4096, cross_attention_dim=1152)
 TINY = dict(num_layers=2, attention_head_dim=8, num_attention_heads=2, caption_channels=32, cross_attention_dim=16)
 PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}      # dense bf16 tensor-core peak
+EXTRAS = ("memory_budget", "pipeline_compiled", "bf16_weights", "sampling_autotune", "lora")
+# Seconds a row may need on an H100 (compiles included); a row starts only with this much of the budget left.
+NEED_S = {"flops": 20, "sampling_eager": 12, "sampling_compiled": 100, "e2e_compiled": 160, "e2e": 25, "standard": 10,
+          "memory": 15, "recompile_e2e": 160, "pipeline_compiled": 90, "sampling_autotune": 200, "lora": 160}
+
+
+class BudgetExceeded(BaseException):
+    """Raised by the alarm at --budget-s + 30 s (a BaseException: no library's `except Exception` swallows it)."""
 
 
 def build_transformer(size: dict, latent: int, device, weights_dtype):
     from diffusers import PixArtTransformer2DModel
 
     torch.manual_seed(0)
-    model = PixArtTransformer2DModel(sample_size=latent, patch_size=2, in_channels=4, out_channels=8,
-                                     attention_bias=True, activation_fn="gelu-approximate", num_embeds_ada_norm=1000,
-                                     norm_type="ada_norm_single", norm_elementwise_affine=False, norm_eps=1e-6,
-                                     use_additional_conditions=False, **size)
+    with torch.device(device):                          # initialised where it runs (611M parameters)
+        model = PixArtTransformer2DModel(sample_size=latent, patch_size=2, in_channels=4, out_channels=8,
+                                         attention_bias=True, activation_fn="gelu-approximate",
+                                         num_embeds_ada_norm=1000, norm_type="ada_norm_single",
+                                         norm_elementwise_affine=False, norm_eps=1e-6,
+                                         use_additional_conditions=False, **size)
     return model.to(device=device, dtype=weights_dtype)
 
 
-@contextlib.contextmanager
-def eager(model):
-    """Run a `Module.compile`d model eagerly inside the block (same weights, no compiled graph)."""
-    saved = getattr(model, "_compiled_call_impl", None)
-    model._compiled_call_impl = None
-    try:
-        yield
-    finally:
-        model._compiled_call_impl = saved
+def rel(a, b) -> float:
+    return float((a.float() - b.float()).abs().max() / b.float().abs().max())
+
+
+def graphs_compiled() -> int:
+    from torch._dynamo.utils import counters
+
+    return int(counters["stats"]["unique_graphs"])
 
 
 class Bench:
@@ -72,11 +117,16 @@ class Bench:
         self.args = args
         self.device = torch.device(args.device)
         self.cuda = self.device.type == "cuda"
-        self.start = time.perf_counter()
         self.result = {"command": " ".join(sys.argv), "date": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
                        "torch": torch.__version__, "device": torch.cuda.get_device_name() if self.cuda else "cpu",
                        "settings": vars(args), "rows": {}, "skipped": []}
+        try:
+            import diffusers
+            self.result["diffusers"] = diffusers.__version__
+        except ImportError:
+            pass
         size = TINY if args.tiny else XL
+        self.size = size
         self.latent = args.resolution // 8
         self.weights_dtype = torch.bfloat16 if args.weights == "bf16" else torch.float32
         self.model = build_transformer(size, self.latent, self.device, self.weights_dtype)
@@ -86,34 +136,62 @@ class Bench:
         self.cond = TextCond(torch.randn(b, length, self.text_dim, generator=g).to(self.device),
                              torch.ones(b, length, dtype=torch.bool, device=self.device),
                              torch.randn(b, self.text_dim, generator=g).to(self.device))
-        self.net = PixArtNet(self.model, torch.zeros(length, self.text_dim), torch.ones(length, dtype=torch.bool),
-                             vae_downsample=8).to(self.device)
+        self.null = (torch.zeros(length, self.text_dim), torch.ones(length, dtype=torch.bool))
+        self.net = PixArtNet(self.model, *self.null, vae_downsample=8).to(self.device)
         self.schedule = VPSchedule.from_name("linear")
         self.denoiser = Denoiser(self.net, self.schedule, "eps")
         self.z0 = torch.randn(b, 4, self.latent, self.latent, generator=g).to(self.device)
-        gpu = self.result["device"]
-        self.peak = next((v for k, v in PEAK_FLOPS.items() if k in gpu), None)
+        self.peak = next((v for k, v in PEAK_FLOPS.items() if k in self.result["device"]), None)
+        self.flops: dict[str, float] = {}
+        self.sampling: dict = {}
+        self.train_attention = "default"
+        self.train_compiled = False
 
     # -- helpers --------------------------------------------------------------------------------------------------
     def left(self) -> float:
-        return self.args.budget_s - (time.perf_counter() - self.start)
+        return self.args.budget_s - (time.perf_counter() - T0)
+
+    def need(self, key: str) -> float:
+        return 0.0 if self.args.tiny else NEED_S[key]
 
     def save(self):
+        self.result["elapsed_s"] = time.perf_counter() - T0
         if self.args.out:
             Path(self.args.out).write_text(json.dumps(self.result, indent=1, default=str) + "\n")
 
-    def row(self, name: str, fn):
-        if self.left() <= 0:
-            self.result["skipped"].append(name)
-            print(f"{name}: skipped (budget)", flush=True)
+    def cleanup(self):
+        gc.collect()
+        if self.cuda:
+            torch.cuda.empty_cache()
+
+    def row(self, name: str, fn, need: str | None = None):
+        """Run fn() and record what it returns (a dict), its error, or that it was skipped for lack of time."""
+        if need is not None and self.left() < self.need(need):
+            self.result["skipped"].append({"row": name, "needs_s": self.need(need), "left_s": round(self.left(), 1)})
+            print(f"{name}: skipped ({self.left():.0f} s left, needs {self.need(need)})", flush=True)
+            self.save()
             return None
+        start, graphs = time.perf_counter(), graphs_compiled()
         try:
             value = fn()
         except torch.cuda.OutOfMemoryError as e:
             value = {"error": f"out of memory: {str(e).splitlines()[0]}"}
-            torch.cuda.empty_cache()
+        except BudgetExceeded:
+            self.result["rows"][name] = {"error": "abandoned: --budget-s + 30 s reached during this row"}
+            self.save()
+            raise
+        except Exception as e:                                    # one row's failure must not lose the others
+            traceback.print_exc()
+            message = " ".join(str(e).split())
+            oom = "out of memory" in message.lower()             # also when a compiler wrapped the OOM
+            value = {"error": ("out of memory: " if oom else f"{type(e).__name__}: ") + message[:400]}
+        if isinstance(value, dict):
+            value["row_wall_s"] = round(time.perf_counter() - start, 2)
+            value["graphs_compiled"] = graphs_compiled() - graphs
+        if "error" in (value or {}):
+            self.cleanup()
         self.result["rows"][name] = value
-        print(f"{name}: {json.dumps(value)}", flush=True)
+        print(f"{name}: {json.dumps(value, default=str)}", flush=True)
         self.save()
         return value
 
@@ -121,52 +199,63 @@ class Bench:
         if self.cuda:
             torch.cuda.synchronize()
 
-    def timed(self, step, iters=None, warmup=None) -> float:
+    def timed(self, step, iters=None, warmup=None) -> dict:
+        """{"s": median of the timed calls, "first_s": the first call, "n": calls timed}, and "compile_warmup_s" (the
+        first call) when it compiled graphs."""
         iters = self.args.iters if iters is None else iters
         warmup = self.args.warmup if warmup is None else warmup
-        times = []
+        times, graphs = [], graphs_compiled()
         for i in range(warmup + iters):
             self.sync()
             t = time.perf_counter()
             step(i)
             self.sync()
-            if i >= warmup:
-                times.append(time.perf_counter() - t)
-            if self.left() < -60:                       # far past the budget: stop timing this row
-                break
-        return statistics.median(times) if times else float("nan")
+            times.append(time.perf_counter() - t)
+            if i == 0:
+                graphs = graphs_compiled() - graphs
+        steady = times[warmup:] or times[-1:]
+        out = {"s": statistics.median(steady), "first_s": times[0], "n": len(steady)}
+        if graphs:
+            out["compile_warmup_s"] = times[0]
+        return out
 
-    def autocast(self):
-        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.args.autocast)
+    def autocast(self, enabled=None):
+        on = self.args.autocast if enabled is None else enabled
+        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=on)
 
-    def optimizer(self):
-        params = [p for p in self.model.parameters() if p.requires_grad]
-        return torch.optim.AdamW(params, lr=1e-6, weight_decay=1e-8, fused=self.cuda and self.weights_dtype == torch.float32)
+    def optimizer(self, model=None):
+        params = [p for p in (model or self.model).parameters() if p.requires_grad]
+        return torch.optim.AdamW(params, lr=1e-6, weight_decay=1e-8, fused=self.cuda)
+
+    def mfu(self, flops: float, secs: float | None) -> float | None:
+        return flops / secs / self.peak if flops and secs and self.peak else None
 
     # -- the steps ------------------------------------------------------------------------------------------------
-    def standard_loss(self, i, batch=None):
+    def standard_loss(self, i, batch=None, autocast=None):
         b = batch or self.args.batch
         g = torch.Generator(device=self.device).manual_seed(i)
         z0, cond = self.z0[:b], self.cond[:b]
         t = torch.randint(0, 1000, (b,), generator=g, device=self.device).float()
         noise = torch.randn(z0.shape, generator=g, device=self.device)
         z_t = self.schedule.add_noise(z0, noise, t)
-        with self.autocast():
+        with self.autocast(autocast):
             eps = self.net(z_t, t, cond)
         return (eps.float() - noise).square().mean()
 
-    def e2e_loss(self, i, k, checkpoint=True, batch=None):
+    def e2e_loss(self, i, k, checkpoint=True, batch=None, autocast=None):
         b = batch or self.args.batch
         g = torch.Generator(device=self.device).manual_seed(i)
-        with self.autocast():
-            z0, z0_hat = e2e_step(self.denoiser, None, self.z0[:b], self.cond[:b], timesteps=lcm_timesteps(k), m=1,
-                                  generator=g, checkpoint=checkpoint, z0=self.z0[:b])
+        with self.autocast(autocast):
+            z0, z0_hat = e2e_step(self.denoiser, None, self.z0[:b], self.cond[:b],
+                                  timesteps=lcm_timesteps(k), m=1, generator=g, checkpoint=checkpoint,
+                                  z0=self.z0[:b])
         return (z0_hat.float() - z0).square().mean()
 
     def train_step(self, loss_fn, opt):
         def step(i):
             opt.zero_grad(set_to_none=True)
-            loss_fn(i).backward()
+            with speed.attention_backend(self.train_attention):
+                loss_fn(i).backward()
             opt.step()
         return step
 
@@ -180,110 +269,420 @@ class Bench:
         self.sync()
         return torch.cuda.max_memory_allocated() / 2 ** 30
 
-    def count_flops(self, loss_fn) -> float:
-        """Model FLOPs of forward + backward at batch 2 (no checkpointing, no optimizer), scaled to the batch."""
+    def count_flops(self, loss_fn, backward=True) -> float:
+        """Model FLOPs at batch 2 (eager, no checkpointing, no optimizer), scaled linearly to the batch."""
         from torch.utils.flop_counter import FlopCounterMode
 
         small = 2
         with FlopCounterMode(display=False) as counter:
-            loss_fn(small).backward()
+            if backward:
+                loss_fn(small).backward()
+            else:
+                with torch.no_grad():
+                    loss_fn(small)
         self.model.zero_grad(set_to_none=True)
         return counter.get_total_flops() * self.args.batch / small
 
     # -- rows -----------------------------------------------------------------------------------------------------
+    def section(self, name: str, fn):
+        """A group of rows; an error outside its rows (set-up) is recorded and the next group runs."""
+        try:
+            fn()
+        except BudgetExceeded:
+            raise
+        except Exception as e:
+            traceback.print_exc()
+            self.result.setdefault("section_errors", {})[name] = f"{type(e).__name__}: {' '.join(str(e).split())[:400]}"
+            self.save()
+        finally:
+            self.cleanup()
+
     def run(self):
         a = self.args
-        self.model.requires_grad_(True).train()
-        # FLOPs first, eagerly (a compiled graph hides its ops from the counter), at batch 2: a separate pass whose
-        # memory is never reported
-        flops = {"standard": self.count_flops(lambda b: self.standard_loss(0, b)),
-                 "e2e_K4": self.count_flops(lambda b: self.e2e_loss(0, 4, checkpoint=False, batch=b))}
-        if self.cuda:
-            torch.cuda.empty_cache()
-        if a.compile:
-            self.model.compile()
-        opt = self.optimizer()
-        std = self.row("standard_step", lambda: {"s": self.timed(self.train_step(self.standard_loss, opt))})
-        e2e = {}
-        for k in a.k:
-            r = self.row(f"e2e_step_K{k}", lambda k=k: {"s": self.timed(self.train_step(
-                lambda i: self.e2e_loss(i, k), opt))})
-            if r and "s" in r:
-                e2e[k] = r["s"]
-        if std and "s" in std:
-            self.result["rows"]["ratios"] = {f"K{k}": {"e2e_over_standard": s / std["s"], "floor": (4 * k - 1) / 3,
-                                                       "bar_1.1x_floor": 1.1 * (4 * k - 1) / 3} for k, s in e2e.items()}
-            self.save()
-        mem = {}
-        for k in (1, 4, 8):
-            r = self.row(f"peak_memory_full_K{k}_GiB", lambda k=k: {"GiB": self.peak_memory(
-                self.train_step(lambda i: self.e2e_loss(i, k), opt))})
-            if r and r.get("GiB"):
-                mem[k] = r["GiB"]
-        if 1 in mem and 8 in mem:
-            self.result["rows"]["memory_K8_over_K1"] = mem[8] / mem[1]
-            self.save()
-        if self.peak is not None or a.tiny:
-            def mfu():
-                out = {}
-                for name, secs in (("standard", std and std.get("s")), ("e2e_K4", e2e.get(4))):
-                    out[name] = {"flops": flops[name], "s": secs,
-                                 "mfu": flops[name] / secs / self.peak if secs and self.peak else None}
-                return out
-            self.row("mfu", mfu)
-        del opt
-        self.model.zero_grad(set_to_none=True)
-        self.row("sampling_4step", self.sampling)
-        if a.lora_rank > 0:
-            def lora():
-                add_lora(self.model, a.lora_rank)
-                self.model.to(self.device)
-                lopt = self.optimizer()
-                return {"rank": a.lora_rank, "trainable_params": sum(p.numel() for p in self.model.parameters()
-                                                                     if p.requires_grad),
-                        "peak_GiB_K4": self.peak_memory(self.train_step(lambda i: self.e2e_loss(i, 4), lopt)),
-                        "s_K4": self.timed(self.train_step(lambda i: self.e2e_loss(i, 4), lopt), iters=3, warmup=1)}
-            self.row("lora_e2e_K4", lora)
-        self.result["elapsed_s"] = time.perf_counter() - self.start
+        self.row("flops", self.count_all_flops, need="flops")
+        self.section("sampling", self.sampling_rows)
+        self.section("sampling_cleanup", self.sampling_cleanup)
+        self.section("training", self.training_rows)
+        extras = {"memory_budget": self.memory_budget_row, "pipeline_compiled": self.pipeline_compiled_row,
+                  "bf16_weights": self.bf16_weights_row, "sampling_autotune": self.sampling_autotune_row,
+                  "lora": self.lora_row}
+        for name in a.extras:
+            if name == "lora" and a.lora_rank <= 0:
+                continue
+            self.section(name, extras[name])
         self.save()
 
-    @torch.no_grad()
-    def sampling(self):
+    def count_all_flops(self):
+        self.model.requires_grad_(True).train()
+        f = {"forward": self.count_flops(lambda b: self.standard_loss(0, b, autocast=True), backward=False),
+             "standard": self.count_flops(lambda b: self.standard_loss(0, b)),
+             "e2e_K4": self.count_flops(lambda b: self.e2e_loss(0, 4, checkpoint=False, batch=b))}
+        self.flops = f
+        self.cleanup()
+        return {**f, "batch": self.args.batch, "counted_at_batch": 2}
+
+    # -- sampling -------------------------------------------------------------------------------------------------
+    def pixart_pipeline(self, transformer):
+        """PixArtAlphaPipeline around `transformer` with a tiny VAE of the real 8× downsampling (the pipeline reads
+        vae_scale_factor from it; latents come out, it never decodes) and PixArt-δ's LCMScheduler."""
         from diffusers import AutoencoderKL, LCMScheduler, PixArtAlphaPipeline
 
-        self.model.eval()
-        steps = lcm_timesteps(4)
-        b = self.args.batch
-        dtype = torch.bfloat16
-        model = self.model.to(dtype)
-        cond = TextCond(self.cond.tokens.to(dtype), self.cond.mask, self.cond.pooled.to(dtype))
-        # a tiny VAE with the real 8× downsampling: the pipeline reads vae_scale_factor from it; latents come out
         vae = AutoencoderKL(block_out_channels=(8, 8, 8, 8), down_block_types=("DownEncoderBlock2D",) * 4,
                             up_block_types=("UpDecoderBlock2D",) * 4, norm_num_groups=8).to(self.device)
-        pipe = PixArtAlphaPipeline(tokenizer=None, text_encoder=None, vae=vae, transformer=model,
+        pipe = PixArtAlphaPipeline(tokenizer=None, text_encoder=None, vae=vae, transformer=transformer,
                                    scheduler=LCMScheduler(beta_schedule="linear", beta_start=0.0001, beta_end=0.02))
         pipe.set_progress_bar_config(disable=True)
+        return pipe
+
+    def pipeline_call(self, pipe, cond: TextCond, i: int):
+        """The pipeline as users call it with precomputed T5 features: 4 steps, latents out, a seeded generator."""
         size = self.latent * 8
+        return pipe(prompt=None, prompt_embeds=cond.tokens, prompt_attention_mask=cond.mask.long(),
+                    num_inference_steps=4, guidance_scale=1.0, height=size, width=size, output_type="latent",
+                    use_resolution_binning=False, generator=torch.Generator(device=self.device).manual_seed(i)).images
 
-        def ours(i):
-            g = torch.Generator(device=self.device).manual_seed(i)
-            noise = torch.randn(b, 4, self.latent, self.latent, generator=g, device=self.device, dtype=dtype)
-            lcm(self.denoiser, noise, steps, cond, generator=g)
+    def ours_call(self, pp, cond: TextCond, i: int):
+        """The product path of `e2ediff sample --pretrained`, from the same generator seed as pipeline_call."""
+        from e2ediff.adapters.pipeline import sample_pretrained
 
-        def theirs(i):
-            pipe(prompt=None, prompt_embeds=cond.tokens, prompt_attention_mask=cond.mask.long(),
-                 num_inference_steps=4, guidance_scale=1.0, height=size, width=size, output_type="latent",
-                 use_resolution_binning=False, generator=torch.Generator(device=self.device).manual_seed(i))
+        return sample_pretrained(pp, cond, pp.timesteps(4), resolution=self.latent * 8,
+                                 generator=torch.Generator(device=self.device).manual_seed(i))
 
-        t_ours = self.timed(ours)
-        with eager(model):                               # the pipeline as users run it: an uncompiled transformer
-            t_theirs = self.timed(theirs)
-            t_ours_eager = self.timed(ours) if self.args.compile else t_ours
-        self.model.to(self.weights_dtype)
-        return {"ours_s": t_ours, "ours_compiled": self.args.compile, "ours_eager_s": t_ours_eager,
-                "diffusers_pipeline_eager_s": t_theirs, "speedup": t_theirs / t_ours,
-                "speedup_eager_vs_eager": t_theirs / t_ours_eager,
-                "images_per_s_ours": b / t_ours, "images_per_s_pipeline": b / t_theirs}
+    def bf16_cond(self) -> TextCond:
+        return TextCond(self.cond.tokens.to(torch.bfloat16), self.cond.mask, self.cond.pooled.to(torch.bfloat16))
+
+    def product_pipeline(self, pipe, transformer):
+        """The product's PretrainedPipeline around a transformer (what `e2ediff sample --pretrained` builds, without
+        a text encoder: the features are given)."""
+        from diffusers import LCMScheduler
+
+        from e2ediff.adapters.autoencoder import DiffusersAutoencoder
+        from e2ediff.adapters.pipeline import PretrainedPipeline
+
+        lcm = LCMScheduler.from_config(pipe.scheduler.config)
+        net = PixArtNet(transformer, *self.null, vae_downsample=8).to(self.device)
+        return PretrainedPipeline(pipe, "pixart", net, DiffusersAutoencoder(pipe.vae),
+                                  VPSchedule(lcm.alphas_cumprod.to(torch.float64)), "eps",
+                                  float(lcm.config.timestep_scaling), "benchmark")
+
+    def sampling_rows(self):
+        a = self.args
+        self.model.requires_grad_(False).eval()
+        users = copy.deepcopy(self.model).to(torch.bfloat16)   # as from_pretrained(torch_dtype=torch.bfloat16)
+        pipe, pipe32 = self.pixart_pipeline(users), self.pixart_pipeline(self.model)
+        cond = self.bf16_cond()
+        pp = self.product_pipeline(pipe, users)
+        self.sampling.update(pipe=pipe, pp=pp, cond=cond)
+        per = self.sampling["per"] = {}
+
+        def timing(name, step, context=contextlib.nullcontext):
+            def fn():
+                with torch.no_grad(), context():
+                    r = self.timed(step)
+                r["images_per_s"] = a.batch / r["s"]
+                r["mfu"] = self.mfu(4 * self.flops.get("forward", 0.0), r["s"])
+                per[name] = r["s"]
+                return r
+            return self.row(f"sampling_{name}", fn, need="sampling_eager")
+
+        timing("pipeline_bf16", lambda i: self.pipeline_call(pipe, cond, i))
+        timing("pipeline_fp32_autocast", lambda i: self.pipeline_call(pipe32, cond, i), lambda: self.autocast(True))
+        fast = copy.deepcopy(users)
+        speed.fuse_qkv(fast)
+        fast_pp = self.product_pipeline(pipe, fast)
+        self.sampling["fast_pp"] = fast_pp
+        products = {"eager": pp, "fused": fast_pp}
+        for attention in ("default", "cudnn"):                 # fused q/k/v × attention order, all eager
+            for kind, product in products.items():
+                name = f"ours_{kind}" + ("" if attention == "default" else f"_{attention}")
+                timing(name, lambda i, product=product: self.ours_call(product, cond, i),
+                       lambda attention=attention: speed.attention_backend(attention))
+        variants = {(kind, attention): per.get(f"ours_{kind}" + ("" if attention == "default" else f"_{attention}"))
+                    for kind in products for attention in ("default", "cudnn")
+                    if a.attention == "auto" or attention == a.attention}
+        variants = {k: v for k, v in variants.items() if v is not None}
+        kind, chosen = min(variants, key=variants.get) if variants else ("fused", "default")
+        if a.attention != "auto":
+            chosen = a.attention
+        self.sampling["attention"] = chosen
+        if a.compile:
+            def compiled():
+                with torch.no_grad():                      # references, before anything is compiled
+                    z_eager, z_pipe = self.ours_call(pp, cond, 0), self.pipeline_call(pipe, cond, 0)
+                # the pipeline's transformer stays eager: an unfused choice is compiled on a copy
+                product = fast_pp if kind == "fused" else self.product_pipeline(pipe, copy.deepcopy(users))
+                speed.compile_network(product.net, a.compile_mode)
+                with torch.no_grad(), speed.attention_backend(chosen):
+                    r = self.timed(lambda i: self.ours_call(product, cond, i))
+                    z_compiled = self.ours_call(product, cond, 0)
+                r.update(mode=a.compile_mode, fused_qkv=kind == "fused",
+                         attention=chosen, images_per_s=a.batch / r["s"],
+                         mfu=self.mfu(4 * self.flops.get("forward", 0.0), r["s"]),
+                         rel_diff_vs_ours_eager=rel(z_compiled, z_eager), rel_diff_vs_pipeline=rel(z_compiled, z_pipe))
+                per["ours_compiled"] = r["s"]
+                return r
+            r = self.row("sampling_ours_compiled", compiled, need="sampling_compiled")
+            if r is not None and "error" in r and "out of memory" not in r["error"] and chosen != "default":
+                # the compile failed with this attention order: keep the error, compile again with torch's order
+                rows = self.result["rows"]
+                rows[f"sampling_ours_compiled_error_{chosen}"] = rows.pop("sampling_ours_compiled")
+                torch._dynamo.reset()
+                chosen = self.sampling["attention"] = "default"
+                self.row("sampling_ours_compiled", compiled, need="sampling_compiled")
+        self.row("sampling_summary", self.sampling_summary)
+
+    def sampling_summary(self):
+        sm, per = self.sampling, self.sampling["per"]
+        out = {"attention": sm["attention"]}
+        with torch.no_grad():
+            z_ours = self.ours_call(sm["pp"], sm["cond"], 0)
+            z_pipe = self.pipeline_call(sm["pipe"], sm["cond"], 0)
+        out["rel_diff_ours_eager_vs_pipeline"] = rel(z_ours, z_pipe)     # same noise; ours keeps latents in float32
+        best = "ours_compiled" if "ours_compiled" in per else min(
+            (k for k in per if k.startswith("ours")), key=per.get, default=None)
+        for base in ("pipeline_bf16", "pipeline_fp32_autocast"):
+            if base not in per:
+                continue
+            for ours in ("ours_eager", "ours_eager_cudnn", "ours_fused", "ours_fused_cudnn", "ours_compiled"):
+                if ours in per:
+                    out[f"speedup_{ours}_over_{base}"] = per[base] / per[ours]
+        if best and "pipeline_bf16" in per:
+            out["speedup"] = per["pipeline_bf16"] / per[best]
+            out["speedup_row"] = best
+        return out
+
+    def sampling_cleanup(self):
+        """Free the bf16 copies and forget their compiled graphs before the training rows measure memory."""
+        self.sampling = {k: v for k, v in self.sampling.items() if k == "attention"}
+        torch._dynamo.reset()
+        self.cleanup()
+
+    # -- training -------------------------------------------------------------------------------------------------
+    def compile_training(self):
+        speed.compile_network(self.net, self.args.compile_mode)
+        self.train_compiled = True
+
+    def uncompile_training(self):
+        torch._dynamo.reset()
+        for block in self.net.repeated_blocks():
+            block._compiled_call_impl = None
+        self.train_compiled = False
+
+    def attention_check(self, name: str):
+        """Output and gradients of one eager forward + backward at batch 4 with `name` first vs torch's order."""
+        results = []
+        for order in ("default", name):
+            self.model.zero_grad(set_to_none=True)
+            with speed.attention_backend(order):
+                loss = self.standard_loss(0, batch=min(4, self.args.batch))
+                loss.backward()
+            grads = torch.cat([p.grad.flatten().float() for p in self.model.parameters() if p.grad is not None])
+            results.append((loss.detach(), grads))
+        self.model.zero_grad(set_to_none=True)
+        out = {"attention": name, "rel_diff_loss": rel(results[1][0], results[0][0]),
+               "rel_diff_grads": rel(results[1][1], results[0][1])}
+        out["ok"] = out["rel_diff_grads"] < 0.05 and out["rel_diff_loss"] < 0.01
+        return out
+
+    def training_rows(self):
+        a = self.args
+        self.model.requires_grad_(True).train()
+        chosen = self.sampling.get("attention", "default") if a.attention == "auto" else a.attention
+        if chosen != "default":
+            check = self.row("attention_check", lambda: self.attention_check(chosen))
+            self.train_attention = chosen if check and check.get("ok") else "default"
+        if a.compile:
+            try:
+                self.compile_training()
+            except Exception as e:                       # then eager rows, with the reason on record
+                traceback.print_exc()
+                self.result["rows"]["training_compile_error"] = f"{type(e).__name__}: {e}"
+        opt = self.optimizer()
+        e2e = {}
+
+        def e2e_row(k, checkpoint, need):
+            name = f"e2e_step_K{k}" + ("_except_last" if checkpoint == "except_last" else "")
+
+            def fn():
+                r = self.timed(self.train_step(lambda i: self.e2e_loss(i, k, checkpoint), opt))
+                r.update(compiled=self.train_compiled, attention=self.train_attention, checkpoint=checkpoint)
+                if k == 4 and self.flops.get("e2e_K4"):
+                    recomputed = k if checkpoint is True else k - 1
+                    r["mfu"] = self.mfu(self.flops["e2e_K4"], r["s"])
+                    r["hfu"] = self.mfu(self.flops["e2e_K4"] + recomputed * self.flops["forward"], r["s"])
+                e2e[name] = r["s"]
+                return r
+            r = self.row(name, fn, need=need)
+            return r
+
+        first = e2e_row(4, True, "e2e_compiled" if a.compile else "e2e")
+        rows = self.result["rows"]
+        if a.compile and first is not None and "error" in first and "out of memory" not in first["error"]:
+            # the compiled step failed: keep its error, retry with torch's attention order, then eagerly
+            rows[f"e2e_step_K4_compile_error_{self.train_attention}"] = rows.pop("e2e_step_K4")
+            self.uncompile_training()
+            if self.train_attention != "default":
+                self.train_attention = "default"
+                self.compile_training()
+                first = e2e_row(4, True, "e2e_compiled")
+                if first is not None and "error" in first and "out of memory" not in first["error"]:
+                    rows["e2e_step_K4_compile_error_default"] = rows.pop("e2e_step_K4")
+                    self.uncompile_training()
+            if not self.train_compiled:
+                e2e_row(4, True, "e2e")
+        e2e_row(4, "except_last", "e2e")
+
+        def standard():
+            r = self.timed(self.train_step(self.standard_loss, opt))
+            r.update(compiled=self.train_compiled, attention=self.train_attention)
+            if self.flops.get("standard"):
+                r["mfu"] = self.mfu(self.flops["standard"], r["s"])
+            return r
+        std = self.row("standard_step", standard, need="standard")
+        if self.flops:
+            self.result["rows"]["mfu"] = {
+                name: {"flops": self.flops[key], "s": (self.result["rows"].get(name) or {}).get("s"),
+                       "mfu": (self.result["rows"].get(name) or {}).get("mfu")}
+                for name, key in (("standard_step", "standard"), ("e2e_step_K4", "e2e_K4"),
+                                  ("e2e_step_K4_except_last", "e2e_K4"))}
+            self.save()
+        for k in a.k:
+            if k != 4:
+                e2e_row(k, True, "e2e")
+        if std and "s" in std:
+            ratios = {}
+            for name, s in e2e.items():
+                k = int(name.split("_K")[1].split("_")[0])
+                ratios[name] = {"e2e_over_standard": s / std["s"], "floor": (4 * k - 1) / 3,
+                                "bar_1.1x_floor": 1.1 * (4 * k - 1) / 3}
+            self.result["rows"]["ratios"] = ratios
+            self.save()
+        mem = {}
+        for k, checkpoint in ((1, True), (8, True), (4, True), (1, "except_last"), (8, "except_last")):
+            name = f"peak_memory_full_K{k}" + ("_except_last" if checkpoint == "except_last" else "") + "_GiB"
+            r = self.row(name, lambda k=k, c=checkpoint: {"GiB": self.peak_memory(
+                self.train_step(lambda i: self.e2e_loss(i, k, c), opt)), "compiled": self.train_compiled},
+                need="memory")
+            if r and r.get("GiB"):
+                mem[name] = r["GiB"]
+        if "peak_memory_full_K1_GiB" in mem and "peak_memory_full_K8_GiB" in mem:
+            self.result["rows"]["memory_K8_over_K1"] = mem["peak_memory_full_K8_GiB"] / mem["peak_memory_full_K1_GiB"]
+            self.save()
+        del opt
+        self.model.zero_grad(set_to_none=True)
+        self.cleanup()
+
+    # -- extras ---------------------------------------------------------------------------------------------------
+    def memory_budget_row(self):
+        a = self.args
+        if not self.train_compiled:                    # eager, this step would hold 4 steps' activations
+            return
+
+        def fn():
+            import torch._functorch.config as functorch_config
+
+            saved = functorch_config.activation_memory_budget
+            torch._dynamo.reset()                      # the partitioner reads the budget when it compiles
+            functorch_config.activation_memory_budget = a.memory_budget
+            opt = self.optimizer()
+            try:
+                if self.cuda:
+                    torch.cuda.reset_peak_memory_stats()
+                r = self.timed(self.train_step(lambda i: self.e2e_loss(i, 4, checkpoint=False), opt))
+                r["peak_GiB"] = torch.cuda.max_memory_allocated() / 2 ** 30 if self.cuda else None
+            finally:
+                functorch_config.activation_memory_budget = saved
+                del opt
+                self.model.zero_grad(set_to_none=True)
+                torch._dynamo.reset()
+            r.update(memory_budget=a.memory_budget, checkpoint=False,
+                     attention=self.train_attention)
+            if self.flops.get("e2e_K4"):
+                r["mfu"] = self.mfu(self.flops["e2e_K4"], r["s"])
+            return r
+        self.row("e2e_step_K4_memory_budget", fn, need="recompile_e2e")
+        self.cleanup()
+
+    def pipeline_compiled_row(self):
+        """The pipeline's unfused bf16 transformer under the same regional compile and attention order."""
+        a = self.args
+        if not a.compile:
+            return
+
+        def fn():
+            users = copy.deepcopy(self.model).to(torch.bfloat16).eval().requires_grad_(False)
+            pipe, cond = self.pixart_pipeline(users), self.bf16_cond()
+            speed.compile_network(PixArtNet(users, *self.null, vae_downsample=8), a.compile_mode)
+            attention = self.sampling.get("attention", "default")
+            with torch.no_grad(), speed.attention_backend(attention):
+                r = self.timed(lambda i: self.pipeline_call(pipe, cond, i))
+            r.update(attention=attention, mode=a.compile_mode)
+            ours = self.result["rows"].get("sampling_ours_compiled") or {}
+            if ours.get("s"):
+                r["speedup_ours_compiled_over_this"] = r["s"] / ours["s"]
+            del pipe, users
+            torch._dynamo.reset()
+            return r
+        self.row("sampling_pipeline_compiled", fn, need="pipeline_compiled")
+
+    def bf16_weights_row(self):
+        """The model converted to bf16 in place (the last training row that needs the float32 one)."""
+        def fn():
+            torch._dynamo.reset()
+            self.model.to(torch.bfloat16)
+            opt = self.optimizer()
+            try:
+                step = self.train_step(lambda i: self.e2e_loss(i, 4, "except_last", autocast=False), opt)
+                r = self.timed(step)
+                r["peak_GiB"] = self.peak_memory(step)
+            finally:
+                del opt
+                self.model.zero_grad(set_to_none=True)
+            r.update(compiled=self.train_compiled, attention=self.train_attention, checkpoint="except_last",
+                     note="bf16 weights + bf16 AdamW: lr 1e-6 updates vanish in bf16; speed only")
+            if self.flops.get("e2e_K4"):
+                r["mfu"] = self.mfu(self.flops["e2e_K4"], r["s"])
+            return r
+        self.row("e2e_step_K4_bf16_weights", fn, need="recompile_e2e" if self.train_compiled else "e2e")
+        self.cleanup()
+
+    def sampling_autotune_row(self):
+        """ours_compiled again with mode max-autotune-no-cudagraphs (Triton GEMM templates, fused epilogues)."""
+        a = self.args
+        if not a.compile:
+            return
+
+        def fn():
+            fast = copy.deepcopy(self.model).to(torch.bfloat16).eval().requires_grad_(False)
+            speed.fuse_qkv(fast)
+            pp, cond = self.product_pipeline(self.pixart_pipeline(fast), fast), self.bf16_cond()
+            speed.compile_network(pp.net, "max-autotune-no-cudagraphs")
+            attention = self.sampling.get("attention", "default")
+            with torch.no_grad(), speed.attention_backend(attention):
+                r = self.timed(lambda i: self.ours_call(pp, cond, i))
+            r.update(attention=attention, mode="max-autotune-no-cudagraphs")
+            base = self.result["rows"].get("sampling_pipeline_bf16") or {}
+            if base.get("s"):
+                r["speedup_over_pipeline_bf16"] = base["s"] / r["s"]
+            del pp, fast
+            torch._dynamo.reset()
+            return r
+        self.row("sampling_ours_compiled_max_autotune", fn, need="sampling_autotune")
+
+    def lora_row(self):
+        a = self.args
+
+        def fn():
+            torch._dynamo.reset()
+            self.model.to(self.weights_dtype)
+            add_lora(self.model, a.lora_rank)
+            self.model.to(self.device)
+            lopt = self.optimizer()
+            step = self.train_step(lambda i: self.e2e_loss(i, 4), lopt)
+            return {"rank": a.lora_rank, "compiled": self.train_compiled,
+                    "trainable_params": sum(p.numel() for p in self.model.parameters() if p.requires_grad),
+                    "peak_GiB_K4": self.peak_memory(step), **self.timed(step, iters=3, warmup=1)}
+        self.row("lora_e2e_K4", fn, need="lora" if self.train_compiled else "e2e")
 
 
 def main(argv=None):
@@ -293,14 +692,23 @@ def main(argv=None):
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--resolution", type=int, default=512, help="pixels; latents are resolution/8")
     p.add_argument("--tokens", type=int, default=120, help="T5 caption tokens")
-    p.add_argument("--k", type=int, nargs="+", default=[1, 2, 4], help="E2E steps K to time")
+    p.add_argument("--k", type=int, nargs="+", default=[1, 2, 4], help="E2E steps K to time (4 always)")
     p.add_argument("--iters", type=int, default=5)
     p.add_argument("--warmup", type=int, default=2)
-    p.add_argument("--weights", choices=["fp32", "bf16"], default="fp32", help="master weights dtype")
-    p.add_argument("--no-autocast", dest="autocast", action="store_false", help="no bf16 autocast")
-    p.add_argument("--compile", action="store_true", help="torch.compile the transformer (Module.compile)")
+    p.add_argument("--weights", choices=["fp32", "bf16"], default="fp32", help="master weights dtype of training")
+    p.add_argument("--no-autocast", dest="autocast", action="store_false", help="no bf16 autocast in training")
+    p.add_argument("--compile", action="store_true", help="regional torch.compile (sampling and training rows)")
+    p.add_argument("--compile-mode", default="default", choices=speed.COMPILE_MODES)
+    p.add_argument("--attention", default="auto", choices=("auto",) + speed.ATTENTION_BACKENDS,
+                   help="attention kernel order of the compiled sampling and the training rows; auto: the faster of "
+                   "default and cudnn in the eager sampling rows (training falls back to default unless "
+                   "attention_check agrees)")
+    p.add_argument("--extras", nargs="*", default=list(EXTRAS), choices=EXTRAS, help="optional rows, in order")
+    p.add_argument("--memory-budget", type=float, default=0.25,
+                   help="torch._functorch.config.activation_memory_budget of the memory_budget row")
     p.add_argument("--lora-rank", type=int, default=64, help="LoRA row (0: skip)")
-    p.add_argument("--budget-s", type=float, default=540, help="start no new row after this many seconds")
+    p.add_argument("--budget-s", type=float, default=540, help="seconds from start: no row starts that would "
+                   "need more than what is left (NEED_S); at budget + 30 s the row in flight is abandoned")
     p.add_argument("--tiny", action="store_true", help="a 2-layer model: a CPU smoke run of this script")
     args = p.parse_args(argv)
     if args.tiny:
@@ -308,10 +716,31 @@ def main(argv=None):
     if args.device == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
+    dynamo = torch._dynamo.config                       # one code object per block kind holds every variant's graph
+    for name in ("recompile_limit", "cache_size_limit"):
+        if hasattr(dynamo, name):
+            setattr(dynamo, name, max(getattr(dynamo, name), 64))
+
+    def alarm(signum, frame):
+        raise BudgetExceeded()
+
+    signal.signal(signal.SIGALRM, alarm)
+    signal.alarm(max(1, int(args.budget_s + 30 - (time.perf_counter() - T0))))
     bench = Bench(args)
     print(f"{bench.result['device']}, torch {torch.__version__}, batch {args.batch}, {args.resolution} px", flush=True)
-    bench.run()
-    print(json.dumps(bench.result["rows"].get("ratios", {})))
+    try:
+        bench.run()
+    except BudgetExceeded:
+        print("budget + 30 s reached: stopped", flush=True)
+    finally:
+        signal.alarm(0)
+        bench.save()
+    rows = bench.result["rows"]
+    print(json.dumps({"sampling": rows.get("sampling_summary"), "ratios": rows.get("ratios"),
+                      "memory_K8_over_K1": rows.get("memory_K8_over_K1"),
+                      "mfu_e2e_K4": {k: (rows.get(k) or {}).get("mfu") for k in
+                                     ("e2e_step_K4", "e2e_step_K4_except_last", "e2e_step_K4_memory_budget",
+                                      "e2e_step_K4_bf16_weights")}}, default=str))
 
 
 if __name__ == "__main__":

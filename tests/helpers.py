@@ -7,6 +7,7 @@
 * tiny configs (DiT hidden 32, depth 1, 2 heads; autoencoder channels (8, 16, 32), 4 groups; batch 8) as dotted
   overrides, usable both with ``e2ediff.config.resolve`` and on the command line;
 * pipeline files (autoencoder, teacher, LCM student) written by the real ``Task.export`` code from random weights.
+* ``record_compile``: torch.compile traced by a backend without C++ codegen, recording how it was called.
 
 Import the fixtures into a test module with ``from helpers import fake_env, pipeline_files  # noqa: F401``.
 """
@@ -222,3 +223,17 @@ def run_error(capsys, *argv, untouched: tuple[Path, ...] = ()) -> str:
     assert "Traceback" not in err
     assert snapshot(*untouched) == before
     return lines[0][len("error: "):]
+
+
+def record_compile(monkeypatch, backend: str) -> list[tuple]:
+    """torch.compile traced for real but without C++ codegen (``backend``: eager, or aot_eager for AOTAutograd with
+    its donated buffers); returns the list of (function, mode) it is called with."""
+    calls = []
+    real_compile = torch.compile
+
+    def compile_(fn=None, **kwargs):
+        calls.append((fn, kwargs.pop("mode", None)))
+        return real_compile(fn, backend=backend, **kwargs)
+
+    monkeypatch.setattr(torch, "compile", compile_)
+    return calls

@@ -8,9 +8,11 @@ import pytest
 import torch
 
 import tiny_diffusers as td
+from e2ediff.adapters import speed
 from e2ediff.adapters.lora import add_lora, merge_lora
 from e2ediff.adapters.pipeline import sample_pretrained, wrap_pipeline
 from e2ediff.samplers import lcm
+from helpers import record_compile
 
 PROMPTS = ["a red boot", "a blue shirt", "a black bag"]
 
@@ -143,3 +145,77 @@ def test_merged_lora_equals_the_adapters():
         merged = pp.net(z, t, cond)
     assert not any("lora_" in n for n, _ in pp.trained.named_parameters())
     assert _rel(merged, with_adapters) < 1e-5
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Speed levers (e2ediff.adapters.speed): each keeps the sampler's output and the checkpointed gradients
+
+
+def _net_output(pp, cond, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    z = torch.randn(2, 4, 8, 8, generator=g)
+    with torch.no_grad():
+        return pp.net(z, torch.tensor([999.0, 259.0]), cond)
+
+
+@pytest.mark.parametrize("lora", [False, True])
+def test_fused_qkv_keeps_the_transformer_output(lora):
+    """diffusers' fuse_qkv_projections on PixArt: one q/k/v matmul (self-attention), one k/v matmul (cross); with
+    LoRA adapters on the projections they are merged first, so the fused network still applies them."""
+    from diffusers.models.attention_processor import FusedAttnProcessor2_0
+
+    pp = wrap_pipeline(td.pixart_pipeline(seed=3), "tiny")
+    if lora:
+        add_lora(pp.trained, rank=2)
+        for n, p in pp.trained.named_parameters():
+            if "lora_B" in n:
+                p.data.normal_(0, 0.1, generator=torch.Generator().manual_seed(1))
+    cond = pp.encode_prompts(PROMPTS[:2])
+    before = _net_output(pp, cond)
+    speed.fuse_qkv(pp.trained)
+    processors = set(type(p) for p in pp.trained.attn_processors.values())
+    assert processors == {FusedAttnProcessor2_0}
+    assert hasattr(pp.trained.transformer_blocks[0].attn1, "to_qkv")
+    assert hasattr(pp.trained.transformer_blocks[0].attn2, "to_kv")
+    assert _rel(_net_output(pp, cond), before) < 1e-5
+
+
+def test_regional_compile_keeps_samples_and_checkpointed_gradients(monkeypatch):
+    """compile_network compiles each PixArt block (dynamic=False) in place; sampling and the gradients of a
+    checkpointed unroll (every step, and every step but the last) through the compiled blocks equal eager ones."""
+    calls = record_compile(monkeypatch, "aot_eager")
+    pp = wrap_pipeline(td.pixart_pipeline(seed=4), "tiny")
+    cond = pp.encode_prompts(PROMPTS[:2])
+    noise = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+
+    def sample_and_grads(checkpoint):
+        pp.trained.zero_grad(set_to_none=True)
+        pp.trained.requires_grad_(True)
+        out = lcm(pp.denoiser, noise, pp.timesteps(3), cond, generator=torch.Generator().manual_seed(1),
+                  checkpoint=checkpoint, timestep_scaling=pp.timestep_scaling)
+        out.square().mean().backward()
+        grads = torch.cat([p.grad.flatten() for p in pp.trained.parameters() if p.grad is not None])
+        pp.trained.requires_grad_(False)
+        return out.detach(), grads
+
+    eager_out, eager_grads = sample_and_grads(False)
+    compiled = speed.compile_network(pp.net)
+    assert compiled == list(pp.trained.transformer_blocks) and len(calls) == len(compiled) == 2
+    assert {mode for _, mode in calls} == {None}
+    for checkpoint in (False, True, "except_last"):
+        out, grads = sample_and_grads(checkpoint)
+        assert _rel(out, eager_out) < 1e-6 and _rel(grads, eager_grads) < 1e-6, checkpoint
+    with pytest.raises(ValueError, match="compile mode"):
+        speed.compile_network(pp.net, "fastest")
+
+
+def test_attention_backend_order_keeps_the_output(pixart):
+    _, pp = pixart
+    cond = pp.encode_prompts(PROMPTS[:2])
+    ref = _net_output(pp, cond)
+    for name in speed.ATTENTION_BACKENDS:
+        with speed.attention_backend(name):
+            assert _rel(_net_output(pp, cond), ref) < 1e-5, name
+    with pytest.raises(ValueError, match="attention backend"):
+        with speed.attention_backend("xformers"):
+            pass

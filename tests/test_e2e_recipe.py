@@ -18,6 +18,7 @@ from e2ediff.losses.gan import FeatureDiscriminator, r1_penalty
 from e2ediff.losses.perceptual import LPIPS, FashionFeatureNet
 from e2ediff.schedules import lcm_timesteps
 from e2ediff.trainer import train
+from helpers import record_compile
 from test_e2e import (SCHEDULE, TEXT_DIM, StandInData, make_cond, objective_inputs, student_pipeline,
                       tiny_autoencoder, tiny_dit)
 
@@ -231,20 +232,6 @@ def test_recipe_options_are_validated(override, message):
 
 # ----------------------------------------------------------------------------------------------------------------------
 # train.compile: the networks are compiled in place; training and the exported file are unchanged
-
-
-def record_compile(monkeypatch, backend: str) -> list[tuple]:
-    """torch.compile traced for real but without C++ codegen (``backend``: eager, or aot_eager for AOTAutograd with
-    its donated buffers); returns the list of (function, mode) it is called with."""
-    calls = []
-    real_compile = torch.compile
-
-    def compile_(fn=None, **kwargs):
-        calls.append((fn, kwargs.pop("mode", None)))
-        return real_compile(fn, backend=backend, **kwargs)
-
-    monkeypatch.setattr(torch, "compile", compile_)
-    return calls
 
 
 def test_compiled_training_matches_eager_and_keeps_parameter_names(tmp_path, monkeypatch):

@@ -44,9 +44,12 @@ def finetune(folders, base, run_dir, *extra):
     assert main(finetune_argv(folders, base, run_dir, *extra)) == 0
 
 
-def our_samples(source, out, steps=None):
+FAST = ["--dtype", "bfloat16", "--fuse-qkv", "--compile", "--attention", "math"]   # every speed option of `sample`
+
+
+def our_samples(source, out, steps=None, *options):
     argv = ["sample", "--pretrained", str(source), "--output", str(out), "--num-samples", str(len(PROMPTS)),
-            "--seed", "3", "--device", "cpu"] + sum((["--prompt", p] for p in PROMPTS), [])
+            "--seed", "3", "--device", "cpu", *options] + sum((["--prompt", p] for p in PROMPTS), [])
     if steps:
         argv += ["--steps", str(steps)]
     assert main(argv) == 0
@@ -117,7 +120,34 @@ def test_pixart_lora_and_its_merged_export_sample_alike(folders, tmp_path):
     ours = our_samples(run / "lora", tmp_path / "ours")
     merged = pipeline_samples(DiffusionPipeline.from_pretrained(run / "pipeline_merged"))
     assert rel(ours, merged) < 1e-4
-    assert rel(merged, pipeline_samples(DiffusionPipeline.from_pretrained(folders / "pixart"))) > 1e-3
+    original = pipeline_samples(DiffusionPipeline.from_pretrained(folders / "pixart"))
+    assert rel(merged, original) > 1e-3
+    fast = our_samples(run / "lora", tmp_path / "fast", None, "--dtype", "bfloat16", "--fuse-qkv")
+    assert rel(fast, ours) < 2e-2 and rel(fast, ours) < rel(original, ours) / 5   # the adapters are still applied
+
+
+def test_sample_speed_options_give_the_plain_samples(folders, tmp_path, monkeypatch):
+    """bf16 weights, fused q/k/v, a compiled transformer (traced by aot_eager here) and another attention kernel give
+    the float32 eager samples within bf16 rounding, from the same noise."""
+    from helpers import record_compile
+
+    calls = record_compile(monkeypatch, "aot_eager")
+    plain = our_samples(folders / "pixart", tmp_path / "plain")
+    fast = our_samples(folders / "pixart", tmp_path / "fast", None, *FAST)
+    assert len(calls) == 2                                # each of the tiny transformer's 2 blocks
+    assert rel(fast, plain) < 2e-2
+    assert rel(fast, our_samples(folders / "pixart", tmp_path / "seed4", None, "--seed", "4")) > 0.1
+
+
+def test_sample_speed_options_need_a_pretrained_pipeline(tmp_path, capsys):
+    from helpers import run_error
+
+    model = tmp_path / "model.safetensors"
+    model.write_bytes(b"")
+    for option in (["--compile"], ["--dtype", "bfloat16"], ["--fuse-qkv"], ["--attention", "cudnn"]):
+        line = run_error(capsys, "sample", "--checkpoint", model, "--output", tmp_path / "o", "--device", "cpu",
+                         *option)
+        assert line.startswith(f"{option[0]}: only for --pretrained"), line
 
 
 def test_lora_resume_is_exact(folders, tmp_path):

@@ -286,11 +286,12 @@ def test_checkpoint_gradients_equal(k):
     noises = fixed_noises(noise, k - 1, seed=9)
     steps = lcm_timesteps(k)
     grads = {}
-    for ckpt in [False, True]:
+    for ckpt in [False, True, "except_last"]:
         out = lcm(den, noise, steps, cond, noises=noises, checkpoint=ckpt)
         grads[ckpt] = param_grads(net, ((out - target) ** 2).sum())
     assert grads[False].abs().max() > 1e-3
     assert (grads[True] - grads[False]).abs().max() <= 1e-6
+    assert (grads["except_last"] - grads[False]).abs().max() <= 1e-6
     out = trapped_lcm(den, noise, steps, cond, noises)
     torch.testing.assert_close(out, lcm(den, noise, steps, cond, noises=noises))   # forward values agree
     trapped = param_grads(net, ((out - target) ** 2).sum())
@@ -405,5 +406,7 @@ def test_sampler_errors():
         lcm(den, noise, [999, 499], cond, generator=torch.Generator(), grad_from_step=2)
     with pytest.raises(ValueError, match="renoise"):
         lcm(den, noise, [999], cond, renoise="edm")
+    with pytest.raises(ValueError, match="checkpoint must be one of"):
+        lcm(den, noise, [999], cond, checkpoint="except_first")
     with pytest.raises(ValueError, match="generator"):
         ddim(den, noise, [999, 499], cond, eta=1.0)

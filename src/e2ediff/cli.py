@@ -68,6 +68,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompt", action="append", help="a prompt (repeatable); default: one per Fashion-MNIST class")
     _sampler_args(p)
     p.add_argument("--grid-columns", type=int, default=10, help="samples per row of the PNG grid")
+    from e2ediff.adapters.speed import ATTENTION_BACKENDS, COMPILE_MODES
+
+    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"],
+                   help="--pretrained: the pipeline's weights dtype (default float32; bfloat16 as "
+                   "from_pretrained(torch_dtype=torch.bfloat16))")
+    p.add_argument("--compile", nargs="?", const="default", choices=COMPILE_MODES, metavar="MODE",
+                   help="--pretrained: torch.compile the transformer / UNet (PixArt: each transformer block, the "
+                   "blocks sharing their graphs); MODE one of %(choices)s (default: default)")
+    p.add_argument("--fuse-qkv", action="store_true", help="--pretrained: fused q/k/v projections (diffusers' "
+                   "fuse_qkv_projections; LoRA adapters are merged first)")
+    p.add_argument("--attention", choices=ATTENTION_BACKENDS, default="default",
+                   help="--pretrained: the attention kernel scaled_dot_product_attention tries first (cudnn: the "
+                   "Hopper kernel; default: torch's order)")
 
     p = sub.add_parser("evaluate", help="FD, KID, alignment and diversity of a model file or a samples.npz")
     src = p.add_mutually_exclusive_group(required=True)
@@ -248,7 +261,8 @@ def cmd_sample(args) -> None:
         prompts = [args.prompt[i % len(args.prompt)] for i in range(max(args.num_samples, len(args.prompt)))]
         timesteps = [int(t) for t in args.timesteps.split(",")] if args.timesteps else None
         out = sample_images(args.pretrained, prompts, args.output, steps=args.steps, timesteps=timesteps, w=args.w,
-                            seed=args.seed, device=device)
+                            seed=args.seed, device=device, dtype=args.dtype or "float32", fuse_qkv=args.fuse_qkv,
+                            compile=args.compile, attention=args.attention)
         print(f"{len(prompts)} samples -> {out}")
         return
     if args.checkpoint is None:

@@ -252,6 +252,12 @@ def check_command(args) -> None:
             check_output_dir("--save-samples", get("save_samples"), ("samples.npz", "grid.png"), inputs)
         else:
             check_output_dir("--output", args.output, ("samples.npz", "grid.png"), inputs)
+            speed = [flag for flag, on in (("--dtype", get("dtype") is not None), ("--compile", get("compile")),
+                                           ("--fuse-qkv", get("fuse_qkv")),
+                                           ("--attention", get("attention") not in (None, "default"))) if on]
+            if speed and get("pretrained") is None:
+                _fail(f"{', '.join(speed)}: only for --pretrained pipelines (a --checkpoint model file samples in "
+                      "float32, eagerly)")
     elif cmd == "convert":
         source = _model_file(args.input)
         check_input("input", source)

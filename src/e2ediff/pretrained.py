@@ -50,7 +50,7 @@ class PretrainedConfig:
     lora_targets: tuple[str, ...] = ("to_q", "to_k", "to_v", "to_out.0")
     merge_lora: bool = False             # also export the adapters folded into the base (pipeline_merged/)
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"   # weights of the frozen VAE / text encoders
-    compile: bool = False                # torch.compile the transformer / UNet
+    compile: bool = False                # torch.compile the transformer (each PixArt block) / UNet (adapters.speed)
     max_sequence_length: int = 120       # T5 tokens (PixArt)
 
     def validate(self) -> None:
@@ -122,7 +122,9 @@ class PretrainedFinetuneTask(Task):
             trained.requires_grad_(True)
         trained.train()
         if pc.compile:
-            trained.compile()
+            from e2ediff.adapters.speed import compile_network
+
+            compile_network(self.pp.net)
         k = cfg.sampler_steps
         self.timesteps = (list(cfg.timesteps) if cfg.timesteps is not None else
                           self.pp.timesteps(k) if cfg.timestep_schedule == "lcm" else pixart_lcm_timesteps(k))
@@ -344,24 +346,34 @@ def add_finetune_args(p) -> None:
 @torch.no_grad()
 def sample_images(source: str, prompts: list[str], output: Path, *, steps: int | None = None,
                   timesteps: list[int] | None = None, w: float | None = None, seed: int = 0,
-                  resolution: int | None = None, device="cpu", dtype: str = "float32") -> Path:
+                  resolution: int | None = None, device="cpu", dtype: str = "float32", fuse_qkv: bool = False,
+                  compile: str | None = None, attention: str = "default") -> Path:
     """PNGs (output/000.png, …) and latents.safetensors of `prompts` by the project's LCM sampler on a pipeline folder,
     hub id or e2ediff export. Timesteps / w default to the ones the run trained (e2ediff.json), else the scheduler's
-    4 LCM steps. Noise: seed's generator, as `pipe(prompt, generator=torch.Generator().manual_seed(seed))` draws it."""
+    4 LCM steps. Noise: seed's generator, as `pipe(prompt, generator=torch.Generator().manual_seed(seed))` draws it.
+    Speed (e2ediff.adapters.speed): dtype of the weights, fused q/k/v projections, torch.compile mode (None: eager),
+    the attention kernel tried first."""
     from PIL import Image
     from safetensors.torch import save_file
 
+    from e2ediff.adapters import speed
     from e2ediff.adapters.pipeline import load_pretrained, sample_pretrained
 
     pp = load_pretrained(source, device, dtype)
     pp.trained.eval()
+    if fuse_qkv:
+        speed.fuse_qkv(pp.trained)
+    if compile is not None:
+        speed.compile_network(pp.net, compile)
     sampler = pp.meta.get("sampler", {})
     if timesteps is None:
         timesteps = (pp.timesteps(steps) if steps is not None else
                      sampler.get("timesteps") or pp.timesteps(4))
     w = w if w is not None else pp.default_w()
-    z = sample_pretrained(pp, pp.encode_prompts(prompts), list(timesteps), seed=seed, w=w,
-                          renoise=sampler.get("renoise", "vp"), resolution=resolution)
+    cond = pp.encode_prompts(prompts)
+    with speed.attention_backend(attention):
+        z = sample_pretrained(pp, cond, list(timesteps), seed=seed, w=w, renoise=sampler.get("renoise", "vp"),
+                              resolution=resolution)
     images = pp.autoencoder.decode_latents(z).float().clamp(-1, 1)
     output = Path(output)
     output.mkdir(parents=True, exist_ok=True)

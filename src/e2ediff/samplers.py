@@ -21,6 +21,10 @@ from e2ediff.denoiser import broadcast_like, consistency_fn, guided, lcm_boundar
 # noise: the step's fresh noise [B, ...] or None.
 StepFn = Callable[[Tensor, Tensor, Tensor, "Tensor | None"], Tensor]
 
+# unroll's `checkpoint`: False (store every step's activations), True (recompute every step in backward),
+# "except_last" (recompute every step but the last).
+CHECKPOINT_POLICIES = (False, True, "except_last")
+
 
 def check_timesteps(timesteps: Sequence[int], T: int) -> list[int]:
     """The list as python ints; ValueError unless it is non-empty, strictly descending and inside [0, T)."""
@@ -57,17 +61,23 @@ def draw_noises(like: Tensor, count: int, generator: torch.Generator | None,
 
 
 def unroll(step_fn: StepFn, z: Tensor, timesteps: Sequence[int], *, noises: Sequence[Tensor | None] | None = None,
-           checkpoint: bool = False, grad_from_step: int = 0) -> Tensor:
+           checkpoint: bool | str = False, grad_from_step: int = 0) -> Tensor:
     """Run z through step_fn for each t_i of `timesteps` and return the final z.
 
     Step i gets (z, t_i, t_{i+1}, noises[i]) with t_K = −1. checkpoint=True recomputes each step in backward
     (torch.utils.checkpoint, use_reentrant=False) instead of storing its activations. Everything the step depends on
     that changes across steps (timesteps, noise) is passed as an argument: a step_fn reading the loop variable from an
     enclosing scope would be recomputed with the last step's value and give silently wrong gradients.
+    checkpoint="except_last" checkpoints every step but the last: backward starts with the last step, so keeping its
+    activations raises the peak by nothing unless the loss after the sampler is itself large (a VAE decode for LPIPS
+    holds its activations beside them), and it saves one step's recomputation (K = 4: 15 forward-equivalents of work
+    instead of 16). Gradients are the same under every policy.
     grad_from_step=k runs steps 0..k−1 under no_grad and detaches their output (truncated backprop through the
     last K−k steps, DRaFT-K / AlignProp).
     """
     K = len(timesteps)
+    if not any(checkpoint is p or (isinstance(p, str) and checkpoint == p) for p in CHECKPOINT_POLICIES):
+        raise ValueError(f"unroll: checkpoint must be one of {CHECKPOINT_POLICIES}, got {checkpoint!r}")
     if not 0 <= grad_from_step < K:
         raise ValueError(f"grad_from_step must be in [0, {K - 1}] for {K} steps, got {grad_from_step}")
     noises = [None] * K if noises is None else list(noises)
@@ -81,7 +91,7 @@ def unroll(step_fn: StepFn, z: Tensor, timesteps: Sequence[int], *, noises: Sequ
         if i < grad_from_step:
             with torch.no_grad():
                 z = step_fn(z, t, t_prev, noises[i]).detach()
-        elif checkpoint:
+        elif checkpoint is True or (checkpoint == "except_last" and i < K - 1):
             z = torch.utils.checkpoint.checkpoint(step_fn, z, t, t_prev, noises[i], use_reentrant=False)
         else:
             z = step_fn(z, t, t_prev, noises[i])
@@ -119,7 +129,7 @@ def ddim(denoiser: nn.Module, noise: Tensor, timesteps: Sequence[int], cond: Tex
 
 def lcm(denoiser: nn.Module, noise: Tensor, timesteps: Sequence[int], cond: TextCond, *, renoise: str = "vp",
         generator: torch.Generator | None = None, noises: Sequence[Tensor] | None = None, w: Tensor | None = None,
-        boundary: bool = True, checkpoint: bool = False, grad_from_step: int = 0, timestep_scaling: float = 10.0
+        boundary: bool = True, checkpoint: bool | str = False, grad_from_step: int = 0, timestep_scaling: float = 10.0
         ) -> Tensor:
     """LCM multistep sampling (E2EDiff Algorithm 1; diffusers LCMScheduler) from noise [B, ...]; returns the last
     step's `denoised` [B, ...].

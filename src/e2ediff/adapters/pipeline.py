@@ -188,15 +188,17 @@ def load_pretrained(source: str | Path, device: torch.device | str = "cpu", dtyp
 
 @torch.no_grad()
 def sample_pretrained(pp: PretrainedPipeline, cond: TextCond, timesteps: list[int], *, seed: int = 0,
-                      w: float | None = None, renoise: str = "vp", resolution: int | None = None) -> torch.Tensor:
-    """Latents [B, C, h, w] by the project's LCM sampler, drawing the initial latents and then one noise per re-noised
-    step from `torch.Generator().manual_seed(seed)` — the same stream as `pipe(..., generator=that)`."""
+                      w: float | None = None, renoise: str = "vp", resolution: int | None = None,
+                      generator: torch.Generator | None = None) -> torch.Tensor:
+    """Latents [B, C, h, w] (float32) by the project's LCM sampler, drawing the initial latents and then one noise per
+    re-noised step from `generator` (default `torch.Generator().manual_seed(seed)`) — the same stream as
+    `pipe(..., generator=that)`; the draws are made on the generator's device (a CUDA generator draws on the GPU)."""
     from e2ediff.samplers import lcm
 
     device = pp.net.null_tokens.device
-    g = torch.Generator().manual_seed(seed)
+    g = torch.Generator().manual_seed(seed) if generator is None else generator
     shape = (len(cond), *pp.latent_shape(resolution))
-    noise = torch.randn(shape, generator=g).to(device)
+    noise = torch.randn(shape, generator=g, device=g.device).to(device)
     w_in = None if w is None else torch.full((len(cond),), float(w), device=device)
     return lcm(pp.denoiser, noise, timesteps, cond.to(device), renoise=renoise, generator=g, w=w_in,
                timestep_scaling=pp.timestep_scaling)

@@ -39,6 +39,11 @@ class PixArtNet(nn.Module):
         self.vae_downsample = int(vae_downsample)
         self.in_channels = int(transformer.config.in_channels)
 
+    def repeated_blocks(self) -> nn.ModuleList:
+        """The identical transformer blocks (28 in PixArt-XL-2): what regional compilation compiles
+        (e2ediff.adapters.speed)."""
+        return self.model.transformer_blocks
+
     def forward(self, z: Tensor, t: Tensor, cond: TextCond, w: Tensor | None = None) -> Tensor:
         if w is not None:
             raise ValueError("PixArt transformers embed no guidance scale: w must be None")
