@@ -10,7 +10,7 @@ from pathlib import Path
 
 NAMES = {"lcm": "LCM student (`base/lcm`)",
          "e2e_old": "E2E energy + LPIPS, K = 4 (`base/e2e` until 2026-12-06)",
-         "e2e": "E2E adversarial, K ∈ {1, 2, 4} (`base/e2e` from 2026-12-06)",
+         "e2e": "E2E, K ∈ {1, 2, 4} (`base/e2e`)",
          "e2e_1step": "E2E one-step, shipped (`base/e2e_1step`)"}
 
 
@@ -19,6 +19,10 @@ def main(folder: Path) -> None:
     for name, label in NAMES.items():
         for path in sorted(folder.glob(f"eval_{name}_k*_*.json")):
             r = json.loads(path.read_text())
+            if name == "e2e":   # which shipped file: the adversarial one (step 811) or the anchored one (step 1343)
+                label = {811: "E2E adversarial, K ∈ {1, 2, 4} (`base/e2e`, 2026-12-06 second session)",
+                         1343: "E2E anchored, K ∈ {1, 2, 4} (`base/e2e` from 2026-12-06 third session)"
+                         }.get(r.get("model_step"), NAMES[name])
             print(f"| {label} | {r['nfe']} | {r['fd']:.2f} | {r['kid_mean']:.3f} | {r['alignment']:.3f} | "
                   f"{r['diversity_rel']:.3f} |")
 
