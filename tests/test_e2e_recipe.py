@@ -363,3 +363,26 @@ def test_every_finetune_preset_is_a_valid_run():
         validate(dataclasses.replace(preset, init="student.safetensors"))
     anchored = PRESETS["anchored"]
     assert anchored.loss.anchor > 0 and anchored.disc_warmup > 0 and anchored.loss.gan > 0
+
+
+def test_checkpointing_except_last_is_a_finetune_option_with_the_same_result(tmp_path):
+    from e2ediff.checkpoint import load_model_file
+
+    exports = {}
+    for policy in (True, "except_last"):
+        cfg = FinetuneRun(init="memory", sampler_steps=2, samples_per_caption=2, optim=OptimConfig(lr=1e-3),
+                          checkpointing=policy,
+                          train=TrainConfig(steps=2, batch_size=4, ema_decay=0.9, device="cpu", progress=False,
+                                            log_every=1, checkpoint_every=2))
+        validate(cfg)
+        task = FinetuneTask(cfg, torch.device("cpu"), data=StandInData(), init=student_pipeline())
+        train(task, cfg.train, tmp_path / str(policy), cfg, "finetune")
+        exports[policy] = load_model_file(tmp_path / str(policy) / "model.safetensors")[0]
+    for k, v in exports[True].items():
+        torch.testing.assert_close(exports["except_last"][k], v, rtol=1e-5, atol=1e-6)
+    from e2ediff.config import resolve
+    from e2ediff.e2e import PRESETS
+
+    assert resolve(PRESETS["tiny"], overrides=["init=x", "checkpointing=except_last"]).checkpointing == "except_last"
+    with pytest.raises(ConfigError, match="checkpointing"):
+        resolve(PRESETS["tiny"], overrides=["init=x", "checkpointing=sometimes"])

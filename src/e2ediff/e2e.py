@@ -77,7 +77,8 @@ class FinetuneRun:
                                          # model serves every K; the exported default sampler keeps sampler_steps
     w_range: tuple[float, float] | None = None  # guidance input w drawn per chain, uniform in [lo, hi] (a user's dial)
     samples_per_caption: int = 4         # m: independent noises per training image (energy score needs >= 2)
-    checkpointing: bool = True           # activation checkpointing around every step's model call
+    checkpointing: bool | Literal["except_last"] = True   # activation checkpointing around every step's model call;
+                                         # except_last: not the last step's (same gradients, one forward fewer)
     truncate: int = 0                    # > 0: gradients only through the last `truncate` steps (DRaFT-K)
     random_truncation: bool = False      # AlignProp: a random cut-off each iteration (steps before it detached)
     loss: E2ELoss = field(default_factory=E2ELoss)
