@@ -267,16 +267,19 @@ def test_max_seconds_stops_with_a_checkpoint_and_a_rerun_continues(fake_env, tmp
     assert int(latest_checkpoint(tmp_path)[2]["step"]) == 4
 
 
-def test_scenes_teacher_and_student_train_compiled(fake_env, tmp_path, monkeypatch):
-    """train.compile=reduce-overhead (CUDA graphs on a GPU) on the scenes teacher and its LCM student: traced for real
-    here (aot_eager: AOTAutograd with donated buffers), only the trained network is compiled (not the teacher nor the
-    LCM target network), and the exported weights equal an eager run's."""
+def test_scenes_teacher_student_and_e2e_train_compiled(fake_env, tmp_path, monkeypatch):
+    """train.compile=reduce-overhead (CUDA graphs on a GPU), as scripts/gpu/scenes_pipeline.sh trains, on the scenes
+    teacher, its LCM student and the headline E2E recipe (`adversarial`: feature-space GAN + R1, K drawn from {1, 2, 4},
+    checkpointing=false, as CUDA graphs need): traced for real here (aot_eager: AOTAutograd with donated buffers), only
+    the trained network is compiled (not the teacher, the LCM target network nor the discriminator), and the exported
+    weights equal an eager run's."""
     from test_e2e_recipe import record_compile
 
     from e2ediff.assets import load_pipeline
     from e2ediff.checkpoint import load_model_file
     from e2ediff.config import resolve
     from e2ediff.distill import PRESETS as DISTILL, DistillTask
+    from e2ediff.e2e import PRESETS as FINETUNE, FinetuneTask
     from e2ediff.models.autoencoder import AutoencoderConfig, AutoencoderKL
     from e2ediff.pretrain import PRESETS as PRETRAIN, PretrainTask
     from e2ediff.trainer import train
@@ -306,7 +309,11 @@ def test_scenes_teacher_and_student_train_compiled(fake_env, tmp_path, monkeypat
     teacher = tmp_path / "pretrain-no" / "model.safetensors"
     run(DISTILL["scenes"], lambda cfg: DistillTask(cfg, torch.device("cpu"), teacher=load_pipeline(teacher)),
         "distill", f"teacher={teacher}", "solver_steps=10")
-    assert len(calls) == 2
+    student = tmp_path / "distill-no" / "model.safetensors"
+    run(FINETUNE["adversarial"], lambda cfg: FinetuneTask(cfg, torch.device("cpu"), init=load_pipeline(student)),
+        "finetune", f"init={student}", "data.dataset=fashion-scenes", "data.caption_dropout=0", "checkpointing=false",
+        "train.keep_exports=false", "train.steps=3", "train.checkpoint_every=3", "optim.lr=1e-3")
+    assert len(calls) == 3
 
 
 @pytest.mark.parametrize("t", [999, 900, 700])
