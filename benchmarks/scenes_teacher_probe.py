@@ -1,4 +1,4 @@
-"""How fast does a scenes teacher learn to follow layouts? A CPU probe: small teachers side by side, scored on alignment.
+"""How fast does a scenes teacher learn to follow layouts? Small teachers side by side on the CPU, scored on alignment.
 
 Each variant (dotted overrides of the `scenes` pretrain preset, on a smaller DiT: hidden 128, depth 4, batch 32) runs
 in its own process, all at once, one thread each, so they share the machine alike. They train through the real
@@ -192,7 +192,8 @@ def main() -> None:
             print(line, end="", flush=True)
             rows.append(json.loads(line))
         p.wait()
-    print("\n| variant | step | train s | alignment | all_four | class_alignment | empty_right |\n|---|---|---|---|---|---|---|")
+    print("\n| variant | step | train s | alignment | all_four | class_alignment | empty_right |")
+    print("|---|---|---|---|---|---|---|")
     for r in sorted(rows, key=lambda r: (r["variant"], r["step"])):
         print(f"| {r['variant']} | {r['step']} | {r['train_s']} | {r['alignment']:.3f} | {r['all_four']:.3f} | "
               f"{r['class_alignment']:.3f} | {r['empty_right']:.3f} |")
