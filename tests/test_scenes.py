@@ -265,3 +265,77 @@ def test_max_seconds_stops_with_a_checkpoint_and_a_rerun_continues(fake_env, tmp
     cfg = resolve_run("train-autoencoder", "train.steps=4", "train.checkpoint_every=10")
     train(AutoencoderTask(cfg, torch.device("cpu")), cfg.train, tmp_path, cfg, "train-autoencoder")
     assert int(latest_checkpoint(tmp_path)[2]["step"]) == 4
+
+
+def test_scenes_teacher_student_and_e2e_train_compiled(fake_env, tmp_path, monkeypatch):
+    """train.compile=reduce-overhead (CUDA graphs on a GPU), as scripts/gpu/scenes_pipeline.sh trains, on the scenes
+    teacher, its LCM student and the headline E2E recipe (`adversarial`: feature-space GAN + R1, K drawn from {1, 2, 4},
+    checkpointing=false, as CUDA graphs need): traced for real here (aot_eager: AOTAutograd with donated buffers), only
+    the trained network is compiled (not the teacher, the LCM target network nor the discriminator), and the exported
+    weights equal an eager run's."""
+    from test_e2e_recipe import record_compile
+
+    from e2ediff.assets import load_pipeline
+    from e2ediff.checkpoint import load_model_file
+    from e2ediff.config import resolve
+    from e2ediff.distill import PRESETS as DISTILL, DistillTask
+    from e2ediff.e2e import PRESETS as FINETUNE, FinetuneTask
+    from e2ediff.models.autoencoder import AutoencoderConfig, AutoencoderKL
+    from e2ediff.pretrain import PRESETS as PRETRAIN, PretrainTask
+    from e2ediff.trainer import train
+
+    calls = record_compile(monkeypatch, "aot_eager")
+    cache = _random_cache().save(tmp_path / "c.safetensors")
+    common = ["data.num_scenes=16", "data.val_size=8", f"data.prompt_cache={cache}", "train.batch_size=4",
+              "train.steps=2", "train.device=cpu", "train.progress=false", "train.checkpoint_every=2"]
+    ae = AutoencoderKL(AutoencoderConfig.from_preset("scenes", channels=(8, 16, 32), norm_groups=4),
+                       torch.Generator().manual_seed(0)).eval().requires_grad_(False)
+
+    def run(preset, make_task, name, *overrides):
+        exports = {}
+        for mode in ("no", "reduce-overhead"):
+            cfg = resolve(preset, overrides=[*common, *overrides, f"train.compile='{mode}'"])   # YAML reads a bare no as false
+            torch.manual_seed(0)
+            task = make_task(cfg)
+            train(task, cfg.train, tmp_path / f"{name}-{mode}", cfg, name)
+            exports[mode] = load_model_file(tmp_path / f"{name}-{mode}" / "model.safetensors")[0]
+        assert calls[-1][1] == "reduce-overhead" and calls[-1][0].__self__ is task.parts[0].module
+        assert exports["no"].keys() == exports["reduce-overhead"].keys()
+        for k, v in exports["no"].items():
+            torch.testing.assert_close(exports["reduce-overhead"][k], v, rtol=1e-5, atol=1e-6)
+
+    run(PRETRAIN["scenes"], lambda cfg: PretrainTask(cfg, torch.device("cpu"), autoencoder=ae), "pretrain",
+        "autoencoder=memory", "model.hidden_size=32", "model.depth=1", "model.num_heads=2")
+    teacher = tmp_path / "pretrain-no" / "model.safetensors"
+    run(DISTILL["scenes"], lambda cfg: DistillTask(cfg, torch.device("cpu"), teacher=load_pipeline(teacher)),
+        "distill", f"teacher={teacher}", "solver_steps=10")
+    student = tmp_path / "distill-no" / "model.safetensors"
+    run(FINETUNE["adversarial"], lambda cfg: FinetuneTask(cfg, torch.device("cpu"), init=load_pipeline(student)),
+        "finetune", f"init={student}", "data.dataset=fashion-scenes", "data.caption_dropout=0", "checkpointing=false",
+        "train.keep_exports=false", "train.steps=3", "train.checkpoint_every=3", "optim.lr=1e-3")
+    assert len(calls) == 3
+
+
+@pytest.mark.parametrize("t", [999, 900, 700])
+def test_scenes_teacher_loss_weighs_the_high_noise_steps(t):
+    """A scene's layout is decided at high noise, where z_t holds almost nothing of the image and only the caption can
+    say what goes where. There the teacher's loss must still weigh an error of the predicted clean latent:
+    eps-prediction weighs it by SNR(t) = ᾱ/(1 − ᾱ) (4e-5 at t = 999 with linear betas; the first GPU run's eps teacher
+    stayed at the caption-blind alignment), v-prediction by 1 + SNR(t) >= 1."""
+    from e2ediff.denoiser import Denoiser, x0_eps_to_v, x0_to_eps
+    from e2ediff.pretrain import PRESETS
+    from e2ediff.schedules import VPSchedule
+
+    cfg = PRESETS["scenes"]
+    schedule = VPSchedule.from_name(cfg.schedule)
+    g = torch.Generator().manual_seed(0)
+    x0, noise, err = (torch.randn(8, 4, 16, 16, generator=g, dtype=torch.float64) for _ in range(3))
+    tt = torch.full((8,), t)
+    a, s = schedule.alpha_sigma(tt, torch.float64)
+    z_t = a * x0 + s * noise
+    x0_hat = x0 + 0.1 * err                                       # a network whose clean-latent prediction is off
+    eps_hat = x0_to_eps(z_t, x0_hat, a, s)
+    pred = {"eps": eps_hat, "v": x0_eps_to_v(x0_hat, eps_hat, a, s), "x0": x0_hat}[cfg.prediction]
+    target = Denoiser(torch.nn.Identity(), schedule, cfg.prediction).training_target(x0, noise, tt)
+    weight = (pred - target).pow(2).mean() / (x0_hat - x0).pow(2).mean()
+    assert weight >= 1.0 - 1e-9

@@ -40,8 +40,13 @@ PRESETS = {
     "base": PretrainRun(model=DIT_PRESETS["base"],
                         optim=OptimConfig(lr=2e-4, warmup_steps=500),
                         train=TrainConfig(steps=20000, batch_size=256, ema_decay=0.9995, checkpoint_every=2000)),
-    "scenes": PretrainRun(model=DIT_PRESETS["scenes"], guidance=2.0, data=DataConfig(dataset="fashion-scenes"),
-                          optim=OptimConfig(lr=3e-4, warmup_steps=300),
+    # fashion-scenes: v-prediction and lr 1e-3. A scene's layout is decided at high noise, where eps-prediction's loss
+    # weighs an error of the clean latent by SNR(t) ≈ 0 (4e-5 at t = 999) and v-prediction's by 1 + SNR(t). CPU probe
+    # (benchmarks/scenes_teacher_probe.py, docs/scenes.md): after 900 steps an eps teacher stays at the caption-blind
+    # alignment (0.14), a v teacher at lr 3e-4 reaches 0.30, at lr 1e-3 0.55.
+    "scenes": PretrainRun(model=DIT_PRESETS["scenes"], prediction="v", guidance=2.0,
+                          data=DataConfig(dataset="fashion-scenes"),
+                          optim=OptimConfig(lr=1e-3, warmup_steps=100),
                           train=TrainConfig(steps=20000, batch_size=256, ema_decay=0.999, checkpoint_every=500)),
 }
 
