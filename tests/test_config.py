@@ -163,3 +163,10 @@ def test_merge_and_validate_directly():
     validate(cfg)
     with pytest.raises(ConfigError, match="train.keep_last"):
         validate(dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, keep_last=0)))
+
+
+def test_a_bare_no_is_the_literal_no_where_a_choice_has_it():
+    cfg = resolve(e2e.PRESETS["tiny"], overrides=REQUIRED["finetune"] + ["train.compile=no"])
+    assert cfg.train.compile == "no"
+    with pytest.raises(ConfigError, match="train.compile"):
+        resolve(e2e.PRESETS["tiny"], overrides=REQUIRED["finetune"] + ["train.compile=yes"])

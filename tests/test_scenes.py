@@ -269,8 +269,8 @@ def test_max_seconds_stops_with_a_checkpoint_and_a_rerun_continues(fake_env, tmp
 
 def test_scenes_teacher_student_and_e2e_train_compiled(fake_env, tmp_path, monkeypatch):
     """train.compile=reduce-overhead (CUDA graphs on a GPU), as scripts/gpu/scenes_pipeline.sh trains, on the scenes
-    teacher, its LCM student and the headline E2E recipe (`adversarial`: feature-space GAN + R1, K drawn from {1, 2, 4},
-    checkpointing=false, as CUDA graphs need): traced for real here (aot_eager: AOTAutograd with donated buffers), only
+    teacher, its LCM student and the headline E2E recipe (`anchored`: feature-space GAN + R1 after a discriminator
+    warm-up, the anchor to the student's samples, K drawn from {1, 2, 4}, checkpointing=false, as CUDA graphs need): traced for real here (aot_eager: AOTAutograd with donated buffers), only
     the trained network is compiled (not the teacher, the LCM target network nor the discriminator), and the exported
     weights equal an eager run's."""
     from test_e2e_recipe import record_compile
@@ -310,9 +310,9 @@ def test_scenes_teacher_student_and_e2e_train_compiled(fake_env, tmp_path, monke
     run(DISTILL["scenes"], lambda cfg: DistillTask(cfg, torch.device("cpu"), teacher=load_pipeline(teacher)),
         "distill", f"teacher={teacher}", "solver_steps=10")
     student = tmp_path / "distill-no" / "model.safetensors"
-    run(FINETUNE["adversarial"], lambda cfg: FinetuneTask(cfg, torch.device("cpu"), init=load_pipeline(student)),
+    run(FINETUNE["anchored"], lambda cfg: FinetuneTask(cfg, torch.device("cpu"), init=load_pipeline(student)),
         "finetune", f"init={student}", "data.dataset=fashion-scenes", "data.caption_dropout=0", "checkpointing=false",
-        "train.keep_exports=false", "train.steps=3", "train.checkpoint_every=3", "optim.lr=1e-3")
+        "disc_warmup=1", "train.steps=3", "train.checkpoint_every=3", "optim.lr=1e-3")
     assert len(calls) == 3
 
 

@@ -24,8 +24,9 @@
 #                                             # the second reads the float16 teacher file as a cold call would
 #
 # Rows (Tables 1-2 of the paper on scenes): teacher DDIM-32 and DDIM-4; LCM student K = 1, 2, 4; the headline E2E
-# recipe (issue #9's `adversarial` preset: GAN heads on the frozen feature net + R1, K drawn from {1, 2, 4}, w from
-# [1, 2], lr 1e-6) for SEEDS (default 0 1 2), each scored at K = 1, 2, 4; the paper's losses at K = 4 with one sample
+# recipe (issue #9's `anchored` preset: GAN heads on the frozen feature net + R1, discriminator warm-up (DISC_WARMUP,
+# default 200 steps here for the short rows), anchor 10 to the student's own samples, K drawn from {1, 2, 4}, w from
+# [1, 2], lr 1e-5, EMA 0.999) for SEEDS (default 0 1 2), each scored at K = 1, 2, 4; the paper's losses at K = 4 with one sample
 # per caption: L1, L2, LPIPS, L2 + LPIPS, L2 + LPIPS + GAN. Every training stage is time-limited (train.max_seconds)
 # and resumable from its run folder in $R; training is compiled ($FAST, default CUDA graphs) and falls back to eager
 # for the time left when compilation fails. Times (s): AE_SECONDS, TEACHER_SECONDS (default: all that is left before
@@ -123,7 +124,7 @@ c = Path('$CLS'); reference_crop_features(load_classifier(c, resolve_device('$DE
   local lp="loss.lpips_weights=$LP"
   local rows=()   # NAME KS PRESET OVERRIDES...: the model is scored at each K of KS
   for s in $SEEDS; do   # the headline: issue #9's best recipe, one model for every K
-    rows+=("adversarial_s$s 1,2,4 adversarial train.seed=$s train.batch_size=$E2E_BATCH train.keep_exports=false")
+    rows+=("anchored_s$s 1,2,4 anchored train.seed=$s train.batch_size=$E2E_BATCH disc_warmup=${DISC_WARMUP:-200}")
   done
   rows+=("l1 4 scenes $one loss.l1=1" "l2 4 scenes $one loss.l2=1" "lpips 4 scenes $one loss.lpips=1 $lp"
          "l2lpips 4 scenes $one loss.l2=1 loss.lpips=1 $lp" "l2lpipsgan 4 scenes $one loss.l2=1 loss.lpips=1 $lp loss.gan=0.1")
@@ -140,7 +141,7 @@ c = Path('$CLS'); reference_crop_features(load_classifier(c, resolve_device('$DE
   echo "total $((SECONDS - T0)) s"
   if [ -n "${OUT:-}" ]; then
     to_out "$lcm" lcm
-    for s in ${SHIP:-$(echo $SEEDS | cut -d' ' -f1)}; do to_out "$R/adversarial_s$s/model.safetensors" "adversarial_s$s"; done
+    for s in ${SHIP:-$(echo $SEEDS | cut -d' ' -f1)}; do to_out "$R/anchored_s$s/model.safetensors" "anchored_s$s"; done
     tar czf "$OUT/scenes_results.tgz" "$R"/eval_*.json "$R"/*.log "$R"/*/metrics.jsonl "$R"/*/config.yaml 2>/dev/null
     ls -la "$OUT"
   fi

@@ -155,6 +155,8 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
             raise ConfigError(errors[0])
         raise ConfigError(f"config key {key}: {short(value)} does not match {_type_name(tp)}")
     if origin is Literal:
+        if value is False and "no" in get_args(tp):    # YAML 1.1 reads a bare `no` as false (train.compile=no)
+            value = "no"
         if value not in get_args(tp):
             raise ConfigError(f"config key {key}: {short(value)} is not one of {list(get_args(tp))}")
         return value
