@@ -44,7 +44,7 @@ if [ -n "${TINY:-}" ]; then   # CPU smoke run: tiny models, a few steps, few sam
   R=${R:-runs/scenes-tiny}; N=${EVAL_N:-16}; DEV=cpu; FAST=${FAST:-}; FAST_E2E=${FAST_E2E:-}
   AE_X="model.channels=[8,16,32] model.norm_groups=4 scale_samples=32 train.steps=${AE_STEPS:-3}"
   TEACHER_X="model.hidden_size=32 model.depth=1 model.num_heads=2 train.steps=${TEACHER_STEPS:-3}"
-  LCM_X="train.steps=${LCM_STEPS:-3}"; E2E_X="train.steps=${E2E_STEPS:-2}"
+  LCM_X="train.steps=${LCM_STEPS:-3}"; E2E_X="train.steps=${E2E_STEPS:-2}"; DISC_WARMUP=${DISC_WARMUP:-1}   # the anchored rows train the network too
   SMALL="data.num_scenes=128 train.batch_size=8 train.device=cpu"; E2E_BATCH=4
 else
   R=${R:-runs/scenes}; N=${EVAL_N:-2000}; DEV=auto; SMALL=""
