@@ -85,9 +85,9 @@ def main() -> None:
         name = f.stem.removeprefix("metrics_")
         if curves is not None and name not in curves:
             continue
-        steps = [x["step"] for x in lines]
-        axes[0].plot(steps, [x["loss/net"] for x in lines], label=name)
-        axes[1].plot(steps, [x["output_std"] for x in lines], label=name)
+        trained = [x for x in lines if "loss/net" in x]      # steps of a disc_warmup log no network loss
+        axes[0].plot([x["step"] for x in trained], [x["loss/net"] for x in trained], label=name)
+        axes[1].plot([x["step"] for x in lines], [x["output_std"] for x in lines], label=name)
     axes[0].set_yscale("log")
     axes[0].set_ylabel("training loss (per run's own loss)")
     axes[1].set_ylabel("spread of outputs (std over the batch)")

@@ -386,3 +386,16 @@ def test_checkpointing_except_last_is_a_finetune_option_with_the_same_result(tmp
     assert resolve(PRESETS["tiny"], overrides=["init=x", "checkpointing=except_last"]).checkpointing == "except_last"
     with pytest.raises(ConfigError, match="checkpointing"):
         resolve(PRESETS["tiny"], overrides=["init=x", "checkpointing=sometimes"])
+
+
+def test_demo_plot_reads_a_log_whose_first_steps_train_the_discriminator_alone(tmp_path):
+    """With disc_warmup the first metrics lines have no network loss (the demo's fine-tune warms up for half its
+    steps); the report's plot draws both losses from the steps that have them."""
+    from e2ediff.demo import _plot
+
+    metrics = tmp_path / "metrics.jsonl"
+    metrics.write_text("\n".join(json.dumps(r) for r in [{"step": 2, "loss/disc": 3.0}, {"step": 4, "loss/disc": 2.0},
+                                                          {"step": 6, "loss/net": 1.0, "loss/disc": 1.5}]))
+    results = [{"name": "student", "nfe": k, "fd": 2.0 / k} for k in (1, 2, 4)]
+    _plot(tmp_path, results, metrics)
+    assert (tmp_path / "plot.png").stat().st_size > 0

@@ -116,7 +116,11 @@ def _plot(out: Path, results: list[dict], metrics: Path) -> None:
     axes[0].legend(fontsize=6)
     if metrics.exists():
         lines = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
-        axes[1].plot([x["step"] for x in lines], [x["loss/net"] for x in lines], marker="o", label="training loss")
+        for key, label in (("loss/net", "network (after the discriminator warm-up)"), ("loss/disc", "discriminator")):
+            points = [(x["step"], x[key]) for x in lines if key in x]
+            if points:
+                axes[1].plot(*zip(*points), marker="o", label=label)
+        axes[1].legend(fontsize=6)
         axes[1].set_xlabel("fine-tune step")
         axes[1].set_ylabel("training loss")
         axes[1].set_title("E2E fine-tune (this run)")
