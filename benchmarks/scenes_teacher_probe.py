@@ -87,7 +87,7 @@ class LatentScenes:
             tmp = path.with_suffix(f".{os.getpid()}.tmp")
             torch.save(z, tmp)
             os.replace(tmp, path)
-        self.data.images = torch.load(path)
+        self.data.images = torch.load(path, weights_only=True)
         self.oracle = oracle
 
     def __len__(self):

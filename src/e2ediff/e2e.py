@@ -180,10 +180,7 @@ def e2e_step(student: nn.Module, autoencoder: nn.Module, images: Tensor, cond: T
     cond_m = cond.repeat_interleave(m)                               # e_c = T(caption): cached MiniLM features
     shape = (len(images) * m, *z0.shape[1:])
     if z_T is None:
-        gd = generator.device
-        z_T = torch.randn(shape, generator=generator, device=gd).to(z0)  # z_T ~ N(0, I): pure noise, not a noised z0
-        noises = [torch.randn(shape, generator=generator, device=gd).to(z0)   # fresh noise for every re-noise
-                  for _ in range(len(timesteps) - 1)]
+        z_T, noises = draw_noises(shape, len(timesteps), generator, z0)
     if isinstance(w, Tensor):                                         # one guidance input per chain
         if w.shape != (shape[0],):
             raise ValueError(f"w has shape {tuple(w.shape)}; expected one value per chain ({shape[0]},)")
@@ -194,6 +191,15 @@ def e2e_step(student: nn.Module, autoencoder: nn.Module, images: Tensor, cond: T
     z0_hat = lcm(student, z_T, timesteps, cond_m, renoise=renoise, noises=noises, w=w_in,
                  checkpoint=checkpoint, grad_from_step=grad_from_step, timestep_scaling=timestep_scaling)
     return z0, z0_hat
+
+
+def draw_noises(shape: tuple[int, ...], k: int, generator: torch.Generator, like: Tensor
+                ) -> tuple[Tensor, list[Tensor]]:
+    """z_T ~ N(0, I) (pure noise, not a noised z0) and fresh noise for each of the K − 1 re-noises, in this order
+    from ``generator``, cast to ``like``'s dtype and device."""
+    gd = generator.device
+    z_T = torch.randn(shape, generator=generator, device=gd).to(like)
+    return z_T, [torch.randn(shape, generator=generator, device=gd).to(like) for _ in range(k - 1)]
 
 
 class E2EObjective(nn.Module):
@@ -396,20 +402,10 @@ class FinetuneTask(Task):
                     torch.arange(classes, device=idx.device).repeat_interleave(n))
         student = Denoiser(self.module("net"), self.schedule, self.prediction)
         z0 = z_T = noises = None
-        if cfg.loss.anchor > 0:     # the anchor's sample must see the same noises: draw them here, as e2e_step does
-            from e2ediff.samplers import lcm
-
+        if cfg.loss.anchor > 0:     # the anchor's sample must see the same noises: drawn here, as e2e_step would
             with torch.no_grad():
                 z0 = self.init.autoencoder.encode_latents(images)
-            shape, gd = (len(images) * m, *z0.shape[1:]), generator.device
-            z_T = torch.randn(shape, generator=generator, device=gd).to(z0)
-            noises = [torch.randn(shape, generator=generator, device=gd).to(z0) for _ in range(k - 1)]
-            w_in = w if isinstance(w, torch.Tensor) or w is None else torch.full((shape[0],), float(w),
-                                                                                   device=z0.device)
-            with torch.no_grad():
-                anchor = lcm(Denoiser(self.init.net, self.schedule, self.prediction), z_T, timesteps,
-                             cond.repeat_interleave(m), renoise=cfg.renoise, noises=noises, w=w_in,
-                             checkpoint=False, timestep_scaling=self.timestep_scaling)
+            z_T, noises = draw_noises((len(images) * m, *z0.shape[1:]), k, generator, z0)
         warmup = step < cfg.disc_warmup      # the discriminator trains alone: no graph through the sampler
         with torch.no_grad() if warmup else contextlib.nullcontext():
             z0, z0_hat = e2e_step(student, self.init.autoencoder, images, cond, timesteps=timesteps,
@@ -420,7 +416,12 @@ class FinetuneTask(Task):
         if not warmup:
             last = self.parts[0].module.final_layer.linear.weight if cfg.loss.gan_adaptive else None
             per_image, logs = self.objective(z0_hat, z0, images, cond, groups, m, last, bank)
-            if cfg.loss.anchor > 0:
+            if cfg.loss.anchor > 0:         # the frozen starting model's sample from the same noises and w
+                with torch.no_grad():
+                    _, anchor = e2e_step(self.init.denoiser, self.init.autoencoder, images, cond,
+                                         timesteps=timesteps, m=m, generator=None, renoise=cfg.renoise, w=w,
+                                         checkpoint=False, timestep_scaling=self.timestep_scaling, z0=z0, z_T=z_T,
+                                         noises=noises)
                 term = (z0_hat - anchor).float().square().flatten(1).mean(1).view(len(images), m).mean(1)
                 per_image, logs["anchor"] = per_image + cfg.loss.anchor * term, term.detach().mean()
             losses["net"] = per_image.mean()
