@@ -7,6 +7,7 @@
 #   STAGE=all   bash scripts/gpu/quality_probe.sh      # bench, then round 1
 #   STAGE=warm  bash scripts/gpu/quality_probe.sh      # round 3: discriminator warm-up, longer runs, slow EMA, anchor
 #   STAGE=anchor bash scripts/gpu/quality_probe.sh     # round 4: the anchored recipe x 3 seeds (val + test), neighbours
+#   STAGE=long  bash scripts/gpu/quality_probe.sh      # round 5: anchored x 3 seeds run longer, + energy score
 #   STAGE=confirm SPLIT=test EVAL_N=10000 STEPS=800 ... # `adversarial` x 3 seeds, with and without K = 1
 #
 # Inputs (ignored by git, carried to the GPU machine): .gpu/fashion-mnist (the IDX .gz files), .gpu/cache (the MiniLM
@@ -139,6 +140,38 @@ seeds = sorted((f"a10_lr1e-5_seed{s}" for s in range(3)), key=score)
 others = sorted(["a10_lr3e-5", "a30_lr1e-5", "a30_lr3e-5", "a3_lr1e-5", "a100_lr3e-5"], key=score)
 print("\n".join([seeds[0]] + others[:2]))
 PY
+  fi
+fi
+if [[ "${STAGE:-all}" == long ]]; then   # round 5: the anchored recipe run longer (is the gain still rising?), and
+  # an energy-score term against a real bank on top of it (round 4: every anchored row keeps the student's diversity,
+  # 0.83; the energy score spreads samples). Exports every CKPT steps; each seed's exports at multiples of EVAL_EVERY
+  # and its last model are scored on val (the exports at K = 2, 4; the last model at 1, 2, 4), the last model
+  # also on test (TEST_N). A warm machine's rerun
+  # with a larger ROW_SECONDS resumes every row (train.max_seconds counts from the resume).
+  # FAST="train.compile=reduce-overhead checkpointing=false" STAGE=long ROW_SECONDS=400 bash scripts/gpu/quality_probe.sh
+  CKPT=${CKPT:-450}; EVERY=${EVAL_EVERY:-450}
+  A="loss.lpips_weights=$LP train.keep_exports=true train.checkpoint_every=$CKPT ${LONG_X:-}"   # LONG_X: smoke runs
+  B="loss.space=features loss.real_bank=16"
+  snapshots() {  # snapshots NAME: val rows at K = 2, 4 of the exports at multiples of EVERY past the warm-up (500)
+    local f step
+    for f in "$R/$1"/exports/model_step_*.safetensors; do
+      [ -f "$f" ] || continue; step=${f##*_step_}; step=$((10#${step%.safetensors}))
+      [ $((step % EVERY)) -eq 0 ] && [ "$step" -gt "${SNAP_MIN:-500}" ] || continue
+      for k in 2 4; do evaluate "$1@$step" "$f" $k; done
+    done
+  }
+  student &
+  for seed in 0 1 2; do
+    (PRESET=anchored row long_s$seed $A train.seed=$seed; [ -f "$R/long_s$seed/model.safetensors" ] && { snapshots long_s$seed & for k in 1 2 4; do
+       SPLIT=test N=${TEST_N:-10000} evaluate long_s$seed "$R/long_s$seed/model.safetensors" $k; done; wait; }
+     save) &
+  done
+  PRESET=anchored row long_es0.1 $A $B loss.energy=0.1 &
+  PRESET=anchored row long_es1 $A $B loss.energy=1.0 &
+  wait
+  if [ -n "${OUT:-}" ]; then   # float16 copies of the three seeds' last models (the device returns files <= 16 MiB)
+    for seed in 0 1 2; do [ -f "$R/long_s$seed/model.safetensors" ] &&
+      $E convert "$R/long_s$seed/model.safetensors" "$OUT/q_long_s$seed.safetensors"; done
   fi
 fi
 if [[ "${STAGE:-all}" == confirm ]]; then   # round 3: the shipped recipe, 3 seeds, and K = 1 taken out of the mix
