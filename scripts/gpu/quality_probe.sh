@@ -166,8 +166,10 @@ if [[ "${STAGE:-all}" == long ]]; then   # round 5: the anchored recipe run long
        SPLIT=test N=${TEST_N:-10000} evaluate long_s$seed "$R/long_s$seed/model.safetensors" $k; done; wait; }
      save) &
   done
-  PRESET=anchored row long_es0.1 $A $B loss.energy=0.1 &
-  PRESET=anchored row long_es1 $A $B loss.energy=1.0 &
+  if [ -z "${SEEDS_ONLY:-}" ]; then   # SEEDS_ONLY=1: a resume of the three seeds alone
+    PRESET=anchored row long_es0.1 $A $B loss.energy=0.1 &
+    PRESET=anchored row long_es1 $A $B loss.energy=1.0 &
+  fi
   wait
   if [ -n "${OUT:-}" ]; then   # float16 copies of the three seeds' last models (the device returns files <= 16 MiB)
     for seed in 0 1 2; do [ -f "$R/long_s$seed/model.safetensors" ] &&
