@@ -3,6 +3,9 @@ and each FD as a ratio to the student's at the same K (the issue-#9 bar: ≤ 0.7
 
     python scripts/results_probe.py docs/results/gpu-2026-12-06/quality-round1
     python scripts/results_probe.py runs/gpu-quality --plain        # fixed-width, as the probe prints it
+    python scripts/results_probe.py DIR --split test                 # the rows scored on test (default: val)
+
+A row NAME@STEP is the export of row NAME at that training step; they follow their row's name in step order.
 """
 from __future__ import annotations
 
@@ -11,19 +14,25 @@ import sys
 from pathlib import Path
 
 
-def load(folder: Path) -> dict[str, dict[int, dict]]:
+def _order(name: str) -> tuple[str, int]:
+    base, _, step = name.partition("@")
+    return base, int(step) if step.isdigit() else 1 << 62      # a row's exports in step order, then its last model
+
+
+def load(folder: Path, split: str = "val") -> dict[str, dict[int, dict]]:
     rows: dict[str, dict[int, dict]] = {}
-    for path in sorted(folder.glob("eval_*_k*_*.json")):
+    for path in folder.glob(f"eval_*_k*_{split}.json"):
         r = json.loads(path.read_text())
         name = path.name[len("eval_"):].rsplit("_k", 1)[0]
         rows.setdefault(name, {})[r["nfe"]] = r
+    rows = {name: rows[name] for name in sorted(rows, key=_order)}
     if "student" in rows:                                   # the reference row first
         rows = {"student": rows.pop("student"), **rows}
     return rows
 
 
-def main(folder: Path, plain: bool = False) -> None:
-    rows = load(folder)
+def main(folder: Path, plain: bool = False, split: str = "val") -> None:
+    rows = load(folder, split)
     ref = rows.get("student", {})
     ks = (1, 2, 4)
 
@@ -46,4 +55,5 @@ def main(folder: Path, plain: bool = False) -> None:
 
 
 if __name__ == "__main__":
-    main(Path(sys.argv[1]), plain="--plain" in sys.argv[2:])
+    args = sys.argv[2:]
+    main(Path(sys.argv[1]), plain="--plain" in args, split=args[args.index("--split") + 1] if "--split" in args else "val")
