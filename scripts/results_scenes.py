@@ -22,12 +22,12 @@ ROWS = [  # (file stem, table, method, loss)
     ("eval_l1_k4_k4", 2, "E2E", "L1"), ("eval_l2_k4_k4", 2, "E2E", "L2"), ("eval_lpips_k4_k4", 2, "E2E", "LPIPS"),
     ("eval_l2lpips_k4_k4", 2, "E2E", "L2 + LPIPS"), ("eval_l2lpipsgan_k4_k4", 2, "E2E", "L2 + LPIPS + GAN"),
     # the two-call pipeline: issue #9's adversarial recipe per seed (one model for every K), the paper's losses at K = 4
-    *[(f"eval_{r}_s{s}_k{k}", 1, "E2E", f"{r}, seed {s}") for r in ("anchored", "adversarial") for k in (1, 2, 4)
+    *[(f"eval_{r}_s{s}_k{k}", 1, "E2E", f"{r}, seed {s}") for r in ("anchored", "anchored_grid2", "adversarial") for k in (1, 2, 4)
       for s in range(3)],
     ("eval_l1_k4", 2, "E2E", "L1"), ("eval_l2_k4", 2, "E2E", "L2"), ("eval_lpips_k4", 2, "E2E", "LPIPS"),
     ("eval_l2lpips_k4", 2, "E2E", "L2 + LPIPS"), ("eval_l2lpipsgan_k4", 2, "E2E", "L2 + LPIPS + GAN"),
 ]
-SEEDED = re.compile(r"eval_(anchored|adversarial)_s\d+_k(\d+)$")
+SEEDED = re.compile(r"eval_(anchored|anchored_grid2|adversarial)_s\d+_k(\d+)$")
 COLUMNS = ("alignment", "all_four", "class_alignment", "empty_right", "fd", "kid_mean", "diversity_rel")
 
 
@@ -55,7 +55,7 @@ def table(rows: dict[str, dict], markdown: bool) -> str:
         cells = [str(t), method, loss, str(steps), str(r.get("nfe", "?")), str(r.get("model_step", "?"))]
         cells += [f"{r[c]:.4f}" if isinstance(r.get(c), float) else "-" for c in COLUMNS]
         lines.append(cells)
-    for recipe, k in itertools.product(("anchored", "adversarial"), (1, 2, 4)):   # seeds: mean ± sample sd
+    for recipe, k in itertools.product(("anchored", "anchored_grid2", "adversarial"), (1, 2, 4)):   # seeds: mean ± sample sd
         seeded = [r for stem, r in sorted(rows.items())
                   if (m := SEEDED.match(stem)) and m.group(1) == recipe and int(m.group(2)) == k]
         if len(seeded) < 2:

@@ -26,7 +26,8 @@
 # Rows (Tables 1-2 of the paper on scenes): teacher DDIM-32 and DDIM-4; LCM student K = 1, 2, 4; the headline E2E
 # recipe (issue #9's `anchored` preset: GAN heads on the frozen feature net + R1, discriminator warm-up (DISC_WARMUP,
 # default 200 steps here for the short rows), anchor 10 to the student's own samples, K drawn from {1, 2, 4}, w from
-# [1, 2], lr 1e-5, EMA 0.999) for SEEDS (default 0 1 2), each scored at K = 1, 2, 4; the paper's losses at K = 4 with one sample
+# [1, 2], lr 1e-5, EMA 0.999) for SEEDS (default 0 1 2), each scored at K = 1, 2, 4 (GRID_SEEDS: the same with
+# loss.gan_grid=2, rows anchored_grid2_sN; ONLY="NAME ..." runs only those rows); the paper's losses at K = 4 with one sample
 # per caption: L1, L2, LPIPS, L2 + LPIPS, L2 + LPIPS + GAN. Every training stage is time-limited (train.max_seconds)
 # and resumable from its run folder in $R; training is compiled ($FAST, default CUDA graphs) and falls back to eager
 # for the time left when compilation fails. Times (s): AE_SECONDS, TEACHER_SECONDS (default: all that is left before
@@ -125,6 +126,9 @@ c = Path('$CLS'); reference_crop_features(load_classifier(c, resolve_device('$DE
   local rows=()   # NAME KS PRESET OVERRIDES...: the model is scored at each K of KS
   for s in $SEEDS; do   # the headline: issue #9's best recipe, one model for every K
     rows+=("anchored_s$s 1,2,4 anchored train.seed=$s train.batch_size=$E2E_BATCH disc_warmup=${DISC_WARMUP:-200}")
+  done
+  for s in ${GRID_SEEDS:-}; do   # the same with the caption projection per cell of a 2 x 2 grid (where, not only what)
+    rows+=("anchored_grid2_s$s 1,2,4 anchored train.seed=$s train.batch_size=$E2E_BATCH disc_warmup=${DISC_WARMUP:-200} loss.gan_grid=2")
   done
   rows+=("l1 4 scenes $one loss.l1=1" "l2 4 scenes $one loss.l2=1" "lpips 4 scenes $one loss.lpips=1 $lp"
          "l2lpips 4 scenes $one loss.l2=1 loss.lpips=1 $lp" "l2lpipsgan 4 scenes $one loss.l2=1 loss.lpips=1 $lp loss.gan=0.1")

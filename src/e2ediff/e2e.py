@@ -44,13 +44,20 @@ class E2ELoss:
     gan_loss: Literal["hinge", "nonsaturating"] = "hinge"
     gan_adaptive: bool = False           # VQGAN's adaptive λ: ‖∇L_rec‖ / ‖∇L_GAN‖ at the last layer, times λ_GAN
     r1: float = 0.0                      # R1 penalty weight on real inputs of the discriminator
+    gan_grid: int = 1                    # > 1: spatial projection — the caption term per cell of a g x g grid of the
+                                         # discriminator's map (where the caption's objects are), not one global pool
     anchor: float = 0.0                  # λ_anchor: mean (ẑ0 − ẑ0_init)², ẑ0_init the frozen starting model's sample
                                          # from the same noises and w (ADD's distillation term, the init as teacher)
+    anchor_decay: int = 0                # > 0: λ_anchor falls linearly to 0 over this many network steps after the
+                                         # discriminator warm-up (the anchor steers early, the GAN term decides late)
     coupling: Literal["independent", "minibatch_ot"] = "independent"  # pairing of outputs with targets (L1/L2/LPIPS)
 
     def validate(self) -> None:
-        for name in ("l1", "l2", "lpips", "energy", "energy_lambda", "gan", "r1", "anchor"):
+        for name in ("l1", "l2", "lpips", "energy", "energy_lambda", "gan", "r1", "anchor", "anchor_decay"):
             _check(getattr(self, name) >= 0, f"loss.{name}", getattr(self, name), ">= 0")
+        _check(self.gan_grid >= 1, "loss.gan_grid", self.gan_grid, ">= 1")
+        _check(self.anchor_decay == 0 or self.anchor > 0, "loss.anchor_decay", self.anchor_decay,
+               "0 unless loss.anchor > 0 (there is no anchor to decay)")
         _check(self.l1 + self.l2 + self.lpips + self.energy + self.gan > 0, "loss", "all weights 0",
                "at least one positive weight among l1, l2, lpips, energy, gan")
         _check(not self.uses_feature_net or bool(self.lpips_weights), "loss.lpips_weights", self.lpips_weights,
@@ -194,6 +201,14 @@ def e2e_step(student: nn.Module, autoencoder: nn.Module, images: Tensor, cond: T
     return z0, z0_hat
 
 
+def anchor_weight(loss: E2ELoss, step: int, disc_warmup: int = 0) -> float:
+    """λ_anchor at training step ``step`` (0-based): constant, or with ``loss.anchor_decay = N`` falling linearly from
+    λ at the first network step (``disc_warmup``) to 0 at ``disc_warmup + N`` and 0 after."""
+    if loss.anchor_decay <= 0:
+        return loss.anchor
+    return loss.anchor * min(1.0, max(0.0, 1.0 - (step - disc_warmup) / loss.anchor_decay))
+
+
 def draw_noises(shape: tuple[int, ...], k: int, generator: torch.Generator, like: Tensor
                 ) -> tuple[Tensor, list[Tensor]]:
     """z_T ~ N(0, I) (pure noise, not a noised z0) and fresh noise for each of the K − 1 re-noises, in this order
@@ -218,11 +233,11 @@ class E2EObjective(nn.Module):
             from e2ediff.losses.gan import FeatureDiscriminator, LatentDiscriminator, PixelDiscriminator
 
             if cfg.gan_space == "latent":
-                self.disc = LatentDiscriminator(latent_channels, latent_size, text_dim)
+                self.disc = LatentDiscriminator(latent_channels, latent_size, text_dim, grid=cfg.gan_grid)
             elif cfg.gan_space == "pixel":
-                self.disc = PixelDiscriminator(image_channels, image_size, text_dim)
+                self.disc = PixelDiscriminator(image_channels, image_size, text_dim, grid=cfg.gan_grid)
             else:
-                self.disc = FeatureDiscriminator(self.lpips.backbone, text_dim)
+                self.disc = FeatureDiscriminator(self.lpips.backbone, text_dim, grid=cfg.gan_grid)
 
     def _decode(self, z: Tensor) -> Tensor:
         return self.autoencoder.decode_latents(z)
@@ -424,7 +439,9 @@ class FinetuneTask(Task):
                                          checkpoint=False, timestep_scaling=self.timestep_scaling, z0=z0, z_T=z_T,
                                          noises=noises)
                 term = (z0_hat - anchor).float().square().flatten(1).mean(1).view(len(images), m).mean(1)
-                per_image, logs["anchor"] = per_image + cfg.loss.anchor * term, term.detach().mean()
+                weight = anchor_weight(cfg.loss, step, cfg.disc_warmup)
+                per_image, logs["anchor"] = per_image + weight * term, term.detach().mean()
+                logs["anchor_weight"] = torch.tensor(weight)
             losses["net"] = per_image.mean()
         logs["sampler_steps"] = torch.tensor(float(k))
         if self.objective.disc is not None:

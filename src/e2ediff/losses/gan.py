@@ -3,6 +3,9 @@
 Discriminators use projection conditioning (Miyato & Koyama 2018, "cGANs with Projection Discriminator"):
     logit = ψ(φ(x)) + <embed(c), φ(x)>,
 with φ a conv trunk ending in a global sum pool, ψ a linear head and embed a linear map of the pooled caption.
+With ``grid = g > 1`` the projection is spatial: the trunk's map is sum-pooled over each cell of a g × g grid and
+embed gives one vector per cell, logit = ψ(Σ_cells φ_cell) + Σ_cells <embed(c)_cell, φ_cell>, so the caption term can
+tell *where* the image holds what the caption names (a global sum pool cannot: fashion-scenes' 2 × 2 layouts).
 """
 from __future__ import annotations
 
@@ -17,17 +20,37 @@ def _maybe_sn(layer: nn.Module, spectral_norm: bool) -> nn.Module:
     return nn.utils.parametrizations.spectral_norm(layer) if spectral_norm else layer
 
 
+def cell_sums(h: Tensor, grid: int) -> Tensor:
+    """Sum pool of a map [B, F, H, W] over each cell of a grid × grid partition -> [B, F, grid, grid]
+    (grid 1: the global sum pool). H and W must be multiples of grid."""
+    b, f, hh, ww = h.shape
+    if hh % grid or ww % grid:
+        raise ValueError(f"loss.gan_grid = {grid} does not divide a discriminator feature map of {hh} x {ww}; "
+                         f"choose a grid that divides every head's resolution")
+    return h.reshape(b, f, grid, hh // grid, grid, ww // grid).sum((3, 5))
+
+
+def projection_logits(phi: Tensor, psi: nn.Module, embed: nn.Module, pooled: Tensor) -> Tensor:
+    """ψ(Σ_cells φ) + Σ_cells <embed(c)_cell, φ_cell> for cell features phi [B, F, g, g] -> [B]."""
+    b, f, g, _ = phi.shape
+    proj = embed(pooled).view(b, f, g, g)
+    return psi(phi.sum((2, 3))).squeeze(1) + (proj * phi).sum((1, 2, 3))
+
+
 class ProjectionDiscriminator(nn.Module):
     """Conv trunk that halves the resolution down to 4x4, global sum pool, projection head.
 
     x: [B, in_channels, size, size], pooled: [B, text_dim] -> logits [B].
     """
 
-    def __init__(self, in_channels: int, size: int, text_dim: int, hidden: int, spectral_norm: bool = False):
+    def __init__(self, in_channels: int, size: int, text_dim: int, hidden: int, spectral_norm: bool = False,
+                 grid: int = 1):
         super().__init__()
         if size < 4 or size & (size - 1):
             raise ValueError(f"size = {size}; expected a power of two >= 4")
-        self.in_channels, self.size, self.text_dim = in_channels, size, text_dim
+        if grid not in (1, 2, 4):
+            raise ValueError(f"loss.gan_grid = {grid}; the latent / pixel discriminator's 4 x 4 map takes 1, 2 or 4")
+        self.in_channels, self.size, self.text_dim, self.grid = in_channels, size, text_dim, grid
         layers: list[nn.Module] = [_maybe_sn(nn.Conv2d(in_channels, hidden, 3, padding=1), spectral_norm),
                                    nn.LeakyReLU(0.2)]
         width = hidden
@@ -39,31 +62,31 @@ class ProjectionDiscriminator(nn.Module):
         self.trunk = nn.Sequential(*layers)
         self.features = width
         self.psi = _maybe_sn(nn.Linear(width, 1), spectral_norm)
-        self.embed = _maybe_sn(nn.Linear(text_dim, width, bias=False), spectral_norm)
+        self.embed = _maybe_sn(nn.Linear(text_dim, width * grid * grid, bias=False), spectral_norm)
 
     def forward(self, x: Tensor, pooled: Tensor) -> Tensor:
         if x.shape[1:] != (self.in_channels, self.size, self.size):
             raise ValueError(f"x has shape {tuple(x.shape)}; expected [B, {self.in_channels}, {self.size}, {self.size}]")
         if pooled.shape != (x.shape[0], self.text_dim):
             raise ValueError(f"pooled has shape {tuple(pooled.shape)}; expected {(x.shape[0], self.text_dim)}")
-        phi = self.trunk(x).sum((2, 3))                              # φ(x): [B, F], global sum pool
-        return self.psi(phi).squeeze(1) + (self.embed(pooled) * phi).sum(1)   # ψ(φ) + <embed(c), φ>
+        phi = cell_sums(self.trunk(x), self.grid)                   # φ(x) per cell: [B, F, g, g]
+        return projection_logits(phi, self.psi, self.embed, pooled)  # ψ(Σφ) + Σ_cells <embed(c), φ>
 
 
 class LatentDiscriminator(ProjectionDiscriminator):
     """Discriminator on latents [B, latent_channels, size, size] (default [B, 4, 8, 8])."""
 
     def __init__(self, latent_channels: int = 4, size: int = 8, text_dim: int = 384, hidden: int = 64,
-                 spectral_norm: bool = False):
-        super().__init__(latent_channels, size, text_dim, hidden, spectral_norm)
+                 spectral_norm: bool = False, grid: int = 1):
+        super().__init__(latent_channels, size, text_dim, hidden, spectral_norm, grid)
 
 
 class PixelDiscriminator(ProjectionDiscriminator):
     """Discriminator on images in [-1, 1], [B, channels, size, size] (default Fashion-MNIST [B, 1, 32, 32])."""
 
     def __init__(self, channels: int = 1, size: int = 32, text_dim: int = 384, hidden: int = 32,
-                 spectral_norm: bool = False):
-        super().__init__(channels, size, text_dim, hidden, spectral_norm)
+                 spectral_norm: bool = False, grid: int = 1):
+        super().__init__(channels, size, text_dim, hidden, spectral_norm, grid)
 
 
 class FeatureDiscriminator(nn.Module):
@@ -71,14 +94,19 @@ class FeatureDiscriminator(nn.Module):
 
     One small trainable head per tap of ``backbone`` (a module with ``.channels`` whose forward returns a list of
     feature maps, e.g. the LPIPS network): 1x1 conv -> LeakyReLU -> 3x3 conv -> LeakyReLU -> global sum pool ->
-    projection logit ψ(φ) + <embed(c), φ>. The logits of all heads are summed. The backbone gets no gradient of its
+    projection logit ψ(φ) + <embed(c), φ> (per cell of a grid × grid partition when grid > 1, see the module
+    docstring). The logits of all heads are summed. The backbone gets no gradient of its
     own (it is frozen), but gradients reach the input images, so the generator and R1 see through it.
 
     x: [B, C, H, W] images in [-1, 1], pooled: [B, text_dim] -> logits [B].
     """
 
-    def __init__(self, backbone: nn.Module, text_dim: int, hidden: int = 64, spectral_norm: bool = False):
+    def __init__(self, backbone: nn.Module, text_dim: int, hidden: int = 64, spectral_norm: bool = False,
+                 grid: int = 1):
         super().__init__()
+        if grid < 1:
+            raise ValueError(f"loss.gan_grid = {grid}; expected >= 1")
+        self.grid = grid
         channels = list(getattr(backbone, "channels", []))
         if not channels:
             raise ValueError(f"backbone {type(backbone).__name__} has no non-empty .channels list")
@@ -89,7 +117,7 @@ class FeatureDiscriminator(nn.Module):
                           _maybe_sn(nn.Conv2d(hidden, hidden, 3, padding=1), spectral_norm), nn.LeakyReLU(0.2))
             for c in channels)
         self.psi = nn.ModuleList(_maybe_sn(nn.Linear(hidden, 1), spectral_norm) for _ in channels)
-        self.embed = nn.ModuleList(_maybe_sn(nn.Linear(text_dim, hidden, bias=False), spectral_norm)
+        self.embed = nn.ModuleList(_maybe_sn(nn.Linear(text_dim, hidden * grid * grid, bias=False), spectral_norm)
                                    for _ in channels)
 
     def train(self, mode: bool = True) -> "FeatureDiscriminator":
@@ -104,8 +132,8 @@ class FeatureDiscriminator(nn.Module):
             x = x.expand(-1, 3, -1, -1)
         logits = x.new_zeros(x.shape[0])
         for f, head, psi, embed in zip(self.backbone(x), self.heads, self.psi, self.embed):
-            phi = head(f).sum((2, 3))                                          # φ_l(x): [B, hidden]
-            logits = logits + psi(phi).squeeze(1) + (embed(pooled) * phi).sum(1)
+            phi = cell_sums(head(f), self.grid)                                # φ_l(x) per cell: [B, hidden, g, g]
+            logits = logits + projection_logits(phi, psi, embed, pooled)
         return logits
 
 
