@@ -8,6 +8,7 @@
 #   STAGE=warm  bash scripts/gpu/quality_probe.sh      # round 3: discriminator warm-up, longer runs, slow EMA, anchor
 #   STAGE=anchor bash scripts/gpu/quality_probe.sh     # round 4: the anchored recipe x 3 seeds (val + test), neighbours
 #   STAGE=long  bash scripts/gpu/quality_probe.sh      # round 5: anchored x 3 seeds run longer, + energy score
+#   STAGE=decay bash scripts/gpu/quality_probe.sh      # round 6 (not yet run): anchor decaying to 0, 3 seeds
 #   STAGE=confirm SPLIT=test EVAL_N=10000 STEPS=800 ... # `adversarial` x 3 seeds, with and without K = 1
 #
 # Inputs (ignored by git, carried to the GPU machine): .gpu/fashion-mnist (the IDX .gz files), .gpu/cache (the MiniLM
@@ -175,6 +176,18 @@ if [[ "${STAGE:-all}" == long ]]; then   # round 5: the anchored recipe run long
     for seed in 0 1 2; do [ -f "$R/long_s$seed/model.safetensors" ] &&
       $E convert "$R/long_s$seed/model.safetensors" "$OUT/q_long_s$seed.safetensors"; done
   fi
+fi
+if [[ "${STAGE:-all}" == decay ]]; then   # round 6 (next): loosen the anchor over training (round 5: diversity stays
+  # at the student's 0.83 under λ 10 while FD still improves at 3,000 steps). Rows: λ 10 decaying to 0 over
+  # DECAY (default 2500) network steps, 3 seeds; the plain anchored recipe beside it for the same time.
+  # FAST="train.compile=reduce-overhead checkpointing=false" STAGE=decay ROW_SECONDS=500 bash scripts/gpu/quality_probe.sh
+  A="loss.lpips_weights=$LP train.keep_exports=true train.checkpoint_every=${CKPT:-450} ${LONG_X:-}"
+  student &
+  for seed in 0 1 2; do
+    PRESET=anchored row decay_s$seed $A loss.anchor_decay=${DECAY:-2500} train.seed=$seed &
+  done
+  PRESET=anchored row plain_s0 $A train.seed=0 &
+  wait
 fi
 if [[ "${STAGE:-all}" == confirm ]]; then   # round 3: the shipped recipe, 3 seeds, and K = 1 taken out of the mix
   # SPLIT=test EVAL_N=10000 STEPS=800 ROW_SECONDS=480 FAST="train.compile=reduce-overhead checkpointing=false" \
