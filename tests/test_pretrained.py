@@ -176,7 +176,7 @@ def _rank(rank, world, port, argv, fsdp_env=None):
     torch.set_num_threads(1)
     from accelerate.state import AcceleratorState
 
-    AcceleratorState._reset_state(reset_partial_state=True)   # forked: forget the parent's one-process state
+    AcceleratorState._reset_state(reset_partial_state=True)   # no state from an earlier run in this process
     if fsdp_env is None:
         assert main(argv) == 0
         return
@@ -213,7 +213,7 @@ def test_two_gloo_processes_equal_one_process_with_the_doubled_batch(folders, tm
     extra = ["--lora-rank", "2", "train.deterministic=false"]
     finetune(folders, "pixart", one, *extra)
     argv = finetune_argv(folders, "pixart", two, *extra)
-    mp.start_processes(_rank, args=(2, _free_port(), argv), nprocs=2, join=True, start_method="fork")
+    mp.start_processes(_rank, args=(2, _free_port(), argv), nprocs=2, join=True, start_method="spawn")
     a, b = checkpoint_tensors(one, 2), checkpoint_tensors(two, 2)
     assert load_checkpoint(two / "checkpoints" / "step_00000002")[1]["num_processes"] == 2
     for k in a:
@@ -222,7 +222,7 @@ def test_two_gloo_processes_equal_one_process_with_the_doubled_batch(folders, tm
     # step 1 on two processes, step 2 resumed on one: the same run
     mixed = tmp_path / "mixed"
     mp.start_processes(_rank, args=(2, _free_port(), finetune_argv(folders, "pixart", mixed, *extra, "train.steps=1")),
-                       nprocs=2, join=True, start_method="fork")
+                       nprocs=2, join=True, start_method="spawn")
     finetune(folders, "pixart", mixed, *extra)
     c = checkpoint_tensors(mixed, 2)
     for k in a:
@@ -313,7 +313,7 @@ FSDP_ENV = {"ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "2", "FSDP_AUTO_WRAP_
 
 def fsdp_finetune(folders, base, run_dir, *extra):
     argv = finetune_argv(folders, base, run_dir, *extra)
-    mp.start_processes(_rank, args=(2, _free_port(), argv, FSDP_ENV), nprocs=2, join=True, start_method="fork")
+    mp.start_processes(_rank, args=(2, _free_port(), argv, FSDP_ENV), nprocs=2, join=True, start_method="spawn")
 
 
 def assert_same_run(got, want, prefixes=("net/", "ema/", "optim/")):
