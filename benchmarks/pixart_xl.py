@@ -609,21 +609,33 @@ class Bench:
         if not a.compile:
             return
 
-        def fn():
-            users = copy.deepcopy(self.model).to(torch.bfloat16).eval().requires_grad_(False)
+        def build(users):
             pipe, cond = self.pixart_pipeline(users), self.bf16_cond()
-            speed.compile_network(PixArtNet(users, *self.null, vae_downsample=8), a.compile_mode)
-            attention = self.sampling.get("attention", "default")
-            with torch.no_grad(), speed.attention_backend(attention):
-                r = self.timed(lambda i: self.pipeline_call(pipe, cond, i))
-            r.update(attention=attention, mode=a.compile_mode)
+            return PixArtNet(users, *self.null, vae_downsample=8), lambda i: self.pipeline_call(pipe, cond, i)
+
+        def fn():
+            r = self.compiled_sampling(build, a.compile_mode)
             ours = self.result["rows"].get("sampling_ours_compiled") or {}
             if ours.get("s"):
                 r["speedup_ours_compiled_over_this"] = r["s"] / ours["s"]
-            del pipe, users
-            torch._dynamo.reset()
             return r
         self.row("sampling_pipeline_compiled", fn, need="pipeline_compiled")
+
+    def compiled_sampling(self, build, mode: str) -> dict:
+        """A bf16 copy of the model, wrapped by ``build(copy) -> (network to compile, call(i))``, compiled with
+        ``mode`` and timed under the chosen attention order; the copy and its graphs are freed afterwards."""
+        users = copy.deepcopy(self.model).to(torch.bfloat16).eval().requires_grad_(False)
+        net, call = build(users)
+        speed.compile_network(net, mode)
+        attention = self.sampling.get("attention", "default")
+        try:
+            with torch.no_grad(), speed.attention_backend(attention):
+                r = self.timed(call)
+        finally:
+            del net, call, users
+            torch._dynamo.reset()
+        r.update(attention=attention, mode=mode)
+        return r
 
     def bf16_weights_row(self):
         """The model converted to bf16 in place (the last training row that needs the float32 one)."""
@@ -652,20 +664,16 @@ class Bench:
         if not a.compile:
             return
 
-        def fn():
-            fast = copy.deepcopy(self.model).to(torch.bfloat16).eval().requires_grad_(False)
+        def build(fast):
             speed.fuse_qkv(fast)
             pp, cond = self.product_pipeline(self.pixart_pipeline(fast), fast), self.bf16_cond()
-            speed.compile_network(pp.net, "max-autotune-no-cudagraphs")
-            attention = self.sampling.get("attention", "default")
-            with torch.no_grad(), speed.attention_backend(attention):
-                r = self.timed(lambda i: self.ours_call(pp, cond, i))
-            r.update(attention=attention, mode="max-autotune-no-cudagraphs")
+            return pp.net, lambda i: self.ours_call(pp, cond, i)
+
+        def fn():
+            r = self.compiled_sampling(build, "max-autotune-no-cudagraphs")
             base = self.result["rows"].get("sampling_pipeline_bf16") or {}
             if base.get("s"):
                 r["speedup_over_pipeline_bf16"] = base["s"] / r["s"]
-            del pp, fast
-            torch._dynamo.reset()
             return r
         self.row("sampling_ours_compiled_max_autotune", fn, need="sampling_autotune")
 

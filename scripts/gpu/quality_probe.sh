@@ -60,6 +60,8 @@ student() {  # the reference row, scored like every other row in the same run
   for k in 1 2 4; do evaluate student "$LCM" $k; done; echo "student done"; save
 }
 FAST=${FAST:-}
+# rounds 5-6: exports kept every CKPT steps for the step-by-step validation rows; LONG_X: extra overrides (smoke runs)
+KEEP="loss.lpips_weights=$LP train.keep_exports=true train.checkpoint_every=${CKPT:-450} ${LONG_X:-}"
 F="loss.lpips_weights=$LP"
 MIX="sampler_steps_mix=[1,2,4] train.keep_exports=true"     # rows of rounds 1-2: K drawn per step, exports kept
 
@@ -150,8 +152,8 @@ if [[ "${STAGE:-all}" == long ]]; then   # round 5: the anchored recipe run long
   # also on test (TEST_N). A warm machine's rerun
   # with a larger ROW_SECONDS resumes every row (train.max_seconds counts from the resume).
   # FAST="train.compile=reduce-overhead checkpointing=false" STAGE=long ROW_SECONDS=400 bash scripts/gpu/quality_probe.sh
-  CKPT=${CKPT:-450}; EVERY=${EVAL_EVERY:-450}
-  A="loss.lpips_weights=$LP train.keep_exports=true train.checkpoint_every=$CKPT ${LONG_X:-}"   # LONG_X: smoke runs
+  EVERY=${EVAL_EVERY:-450}
+  A=$KEEP
   B="loss.space=features loss.real_bank=16"
   snapshots() {  # snapshots NAME: val rows at K = 2, 4 of the exports at multiples of EVERY past the warm-up (500)
     local f step
@@ -181,7 +183,7 @@ if [[ "${STAGE:-all}" == decay ]]; then   # round 6 (next): loosen the anchor ov
   # at the student's 0.83 under λ 10 while FD still improves at 3,000 steps). Rows: λ 10 decaying to 0 over
   # DECAY (default 2500) network steps, 3 seeds; the plain anchored recipe beside it for the same time.
   # FAST="train.compile=reduce-overhead checkpointing=false" STAGE=decay ROW_SECONDS=500 bash scripts/gpu/quality_probe.sh
-  A="loss.lpips_weights=$LP train.keep_exports=true train.checkpoint_every=${CKPT:-450} ${LONG_X:-}"
+  A=$KEEP
   student &
   for seed in 0 1 2; do
     PRESET=anchored row decay_s$seed $A loss.anchor_decay=${DECAY:-2500} train.seed=$seed &
