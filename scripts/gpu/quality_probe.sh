@@ -8,7 +8,7 @@
 #   STAGE=warm  bash scripts/gpu/quality_probe.sh      # round 3: discriminator warm-up, longer runs, slow EMA, anchor
 #   STAGE=anchor bash scripts/gpu/quality_probe.sh     # round 4: the anchored recipe x 3 seeds (val + test), neighbours
 #   STAGE=long  bash scripts/gpu/quality_probe.sh      # round 5: anchored x 3 seeds run longer, + energy score
-#   STAGE=decay bash scripts/gpu/quality_probe.sh      # round 6 (not yet run): anchor decaying to 0, 3 seeds
+#   STAGE=decay bash scripts/gpu/quality_probe.sh      # round 6: anchor decaying to 0; K = 2 models; 3 seeds each
 #   STAGE=confirm SPLIT=test EVAL_N=10000 STEPS=800 ... # `adversarial` x 3 seeds, with and without K = 1
 #
 # Inputs (ignored by git, carried to the GPU machine): .gpu/fashion-mnist (the IDX .gz files), .gpu/cache (the MiniLM
@@ -50,14 +50,15 @@ row() {  # row NAME [overrides]: time-limited E2E fine-tune of the student, then
     echo "$name: compiled run failed; eager for the rest" >> "$R/$name.log"; rm -rf "$R/$name"
     train $(( secs - (SECONDS - t0) > 30 ? secs - (SECONDS - t0) : 30 )) "$@"; }
   [ -f "$R/$name/model.safetensors" ] || { echo "$name: no model"; return 1; }
-  for k in 1 2 4; do evaluate "$name" "$R/$name/model.safetensors" $k; done
+  for k in ${ROW_KS-1 2 4}; do evaluate "$name" "$R/$name/model.safetensors" $k; done
   local step; step=$(python3 -c "import sys; from e2ediff.checkpoint import read_model_meta as r
 print(r(sys.argv[1]).get('step'))" "$R/$name/model.safetensors")
   echo "$name done: step $step"
   save
 }
 student() {  # the reference row, scored like every other row in the same run
-  for k in 1 2 4; do evaluate student "$LCM" $k; done; echo "student done"; save
+  for k in 1 2 4; do [ -f "$R/eval_student_k${k}_$SPLIT.json" ] || evaluate student "$LCM" $k; done
+  echo "student done"; save
 }
 FAST=${FAST:-}
 # rounds 5-6: exports kept every CKPT steps for the step-by-step validation rows; LONG_X: extra overrides (smoke runs)
@@ -179,17 +180,77 @@ if [[ "${STAGE:-all}" == long ]]; then   # round 5: the anchored recipe run long
       $E convert "$R/long_s$seed/model.safetensors" "$OUT/q_long_s$seed.safetensors"; done
   fi
 fi
-if [[ "${STAGE:-all}" == decay ]]; then   # round 6 (next): loosen the anchor over training (round 5: diversity stays
-  # at the student's 0.83 under λ 10 while FD still improves at 3,000 steps). Rows: λ 10 decaying to 0 over
-  # DECAY (default 2500) network steps, 3 seeds; the plain anchored recipe beside it for the same time.
-  # FAST="train.compile=reduce-overhead checkpointing=false" STAGE=decay ROW_SECONDS=500 bash scripts/gpu/quality_probe.sh
-  A=$KEEP
+if [[ "${STAGE:-all}" == decay ]]; then   # round 6: two levers on top of the anchored recipe, 3 seeds each.
+  # decay_s*: λ_anchor 10 falls linearly to 0 over DECAY network steps (round 5: diversity stays at the student's
+  # 0.83 under λ 10 while FD still improves at 3,000 steps). k2_s*: a K = 2 model (K fixed at 2, as the paper trains
+  # one model per K; round 5's K-mix rows stop at 0.84x at K = 2). plain_s0: the anchored recipe for the same time.
+  # On a card with > 100 GB two more rows: the energy score against the real bank on top of the decaying anchor, and
+  # a decaying K = 2 model. Two chunks on one warm machine (the second resumes every row, evaluates and tests):
+  #   FAST="train.compile=reduce-overhead checkpointing=false" STAGE=decay ROW_SECONDS=440 ROW_KS="2 4" ...
+  #   FAST=... STAGE=decay ROW_SECONDS=300 ROW_KS= FINAL=1 ...   (ROW_KS empty: the last model is scored as an export)
+  # FINAL=1: each row's exports at multiples of EVAL_EVERY past SNAP_MIN and its last model are scored on val; the
+  # export with the best val (sum of its K = 2 and 4 FD ratios; K = 2 alone for k2 rows) is scored on test at K = 1,
+  # 2, 4 (TEST_N) and, the best of each family, copied to $OUT in float16.
+  A=$KEEP; D="loss.anchor_decay=${DECAY:-2500}"; K2="sampler_steps=2 sampler_steps_mix=null"
+  B="loss.space=features loss.real_bank=16 loss.energy=1.0"
+  EVERY=${EVAL_EVERY:-900}
+  final() {  # final NAME: val snapshots, the best export by val, that export on test
+    local f step best
+    [ -n "${FINAL:-}" ] && [ -f "$R/$1/model.safetensors" ] || return 0
+    for f in "$R/$1"/exports/model_step_*.safetensors; do
+      step=${f##*_step_}; step=$((10#${step%.safetensors}))
+      { [ $((step % EVERY)) -eq 0 ] && [ "$step" -gt "${SNAP_MIN:-1000}" ]; } || [ "$f" -ef "$(ls "$R/$1"/exports/model_step_*.safetensors | tail -1)" ] || continue
+      for k in 2 4; do [ -f "$R/eval_$1@${step}_k${k}_val.json" ] || evaluate "$1@$step" "$f" $k; done
+    done
+    best=$(python3 - "$R" "$1" <<'PY'
+import json, sys
+from pathlib import Path
+R, name = Path(sys.argv[1]), sys.argv[2]
+fd = lambda n, k: json.loads((R / f"eval_{n}_k{k}_val.json").read_text())["fd"]
+ks = (2,) if name.startswith("k2") else (2, 4)
+scores = {}
+for f in R.glob(f"eval_{name}@*_k2_val.json"):
+    n = f.name[len("eval_"):-len("_k2_val.json")]
+    try: scores[n] = sum(fd(n, k) / fd("student", k) for k in ks)
+    except (OSError, KeyError, ValueError): pass
+print(min(scores, key=scores.get) if scores else "")
+PY
+)
+    [ -n "$best" ] || return 0
+    echo "$1: best on val $best"; local path="$R/$1/exports/model_step_$(printf %08d "${best#*@}").safetensors"
+    ln -sf "$(basename "$path")" "$R/$1/exports/best.safetensors"
+    for k in 1 2 4; do SPLIT=test N=${TEST_N:-10000} evaluate "$best" "$path" $k; done
+  }
   student &
   for seed in 0 1 2; do
-    PRESET=anchored row decay_s$seed $A loss.anchor_decay=${DECAY:-2500} train.seed=$seed &
+    (PRESET=anchored row decay_s$seed $A $D train.seed=$seed; final decay_s$seed; save) &
+    (PRESET=anchored row k2_s$seed $A $K2 train.seed=$seed; final k2_s$seed; save) &
   done
-  PRESET=anchored row plain_s0 $A train.seed=0 &
+  (PRESET=anchored row plain_s0 $A train.seed=0; final plain_s0; save) &
+  if [ "$(nvidia-smi --query-gpu=memory.total --format=csv,noheader,nounits 2>/dev/null | head -1 || echo 0)" -gt 100000 ] 2>/dev/null ||
+     [ -n "${ALL_ROWS:-}" ]; then
+    (PRESET=anchored row decay_es1_s0 $A $D $B train.seed=0; final decay_es1_s0; save) &
+    (PRESET=anchored row k2_decay_s0 $A $K2 $D train.seed=0; final k2_decay_s0; save) &
+  fi
   wait
+  if [ -n "${FINAL:-}" ] && [ -n "${OUT:-}" ]; then   # float16: the best row of each family by its val score
+    python3 - "$R" <<'PY' | while read -r name; do $E convert "$R/$name/exports/best.safetensors" "$OUT/q_$name.safetensors"; done
+import json, sys
+from pathlib import Path
+R = Path(sys.argv[1])
+fd = lambda n, k: json.loads((R / f"eval_{n}_k{k}_val.json").read_text())["fd"]
+best = {}
+for d in sorted(R.iterdir()):
+    if not (d / "exports" / "best.safetensors").exists(): continue
+    ks = (2,) if d.name.startswith("k2") else (2, 4)
+    n = f"{d.name}@{int((d / 'exports' / 'best.safetensors').resolve().stem.split('_')[-1])}"
+    try: score = sum(fd(n, k) / fd("student", k) for k in ks)
+    except (OSError, KeyError, ValueError): continue
+    fam = d.name.rsplit("_s", 1)[0]
+    if fam not in best or score < best[fam][0]: best[fam] = (score, d.name)
+print("\n".join(name for _, name in best.values()))
+PY
+  fi
 fi
 if [[ "${STAGE:-all}" == confirm ]]; then   # round 3: the shipped recipe, 3 seeds, and K = 1 taken out of the mix
   # SPLIT=test EVAL_N=10000 STEPS=800 ROW_SECONDS=480 FAST="train.compile=reduce-overhead checkpointing=false" \
