@@ -221,7 +221,7 @@ PY
     ln -sf "$(basename "$path")" "$R/$1/exports/best.safetensors"
     for k in 1 2 4; do SPLIT=test N=${TEST_N:-10000} evaluate "$best" "$path" $k; done
   }
-  student &
+  (student; [ -z "${FINAL:-}" ] || for k in 1 2 4; do SPLIT=test N=${TEST_N:-10000} evaluate student "$LCM" $k; done) &
   for seed in 0 1 2; do
     (PRESET=anchored row decay_s$seed $A $D train.seed=$seed; final decay_s$seed; save) &
     (PRESET=anchored row k2_s$seed $A $K2 train.seed=$seed; final k2_s$seed; save) &
