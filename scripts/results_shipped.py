@@ -11,6 +11,7 @@ from pathlib import Path
 NAMES = {"lcm": "LCM student (`base/lcm`)",
          "e2e_old": "E2E energy + LPIPS, K = 4 (`base/e2e` until 2026-12-06)",
          "e2e": "E2E, K ∈ {1, 2, 4} (`base/e2e`)",
+         "e2e_2step": "E2E two-step, anchored, K = 2 (`base/e2e_2step`)",
          "e2e_1step": "E2E one-step, shipped (`base/e2e_1step`)"}
 
 

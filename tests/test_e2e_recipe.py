@@ -447,6 +447,10 @@ def test_every_finetune_preset_is_a_valid_run():
         validate(dataclasses.replace(preset, init="student.safetensors"))
     anchored = PRESETS["anchored"]
     assert anchored.loss.anchor > 0 and anchored.disc_warmup > 0 and anchored.loss.gan > 0
+    # the two-step model's recipe is `anchored` with K fixed at 2 (round 6 ran it as such overrides), run longer
+    two = PRESETS["anchored-2step"]
+    assert two == dataclasses.replace(anchored, sampler_steps=2, sampler_steps_mix=None,
+                                      train=dataclasses.replace(anchored.train, steps=two.train.steps))
 
 
 def test_checkpointing_except_last_is_a_finetune_option_with_the_same_result(tmp_path):

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from e2ediff.assets import load_autoencoder, load_pipeline
+from e2ediff.assets import load_autoencoder, load_pipeline, with_autoencoder
 from e2ediff.checkpoint import load_model_file, read_model_meta, split_prefix
 from e2ediff.cli import main
 from e2ediff.generate import SamplerSpec
@@ -47,6 +47,9 @@ def test_shipped_pipeline_files():
         path = folder / f"{kind}.safetensors"
         assert path.stat().st_size <= MAX_BYTES, f"{path} is {path.stat().st_size} bytes"
         tensors, meta = load_model_file(path)
+        assert meta["autoencoder_file"]["file"] == "autoencoder.safetensors"   # one autoencoder file, shared
+        assert not any(k.startswith("autoencoder/") for k in tensors)
+        tensors = with_autoencoder(path, tensors, meta)
         assert meta["kind"] == kind
         for key in ("hidden_size", "depth", "num_heads", "patch_size"):
             assert meta["net"][key] == getattr(DIT_PRESETS[preset], key), (path, key)
@@ -64,11 +67,16 @@ def test_shipped_pipeline_files():
     assert spec["e2e"] == spec["lcm"]                   # the student's default sampler (w, timesteps, LCM boundary)
 
 
-def test_shipped_base_one_step_model():
-    path = ROOT / "base" / "e2e_1step.safetensors"
+@pytest.mark.parametrize("name,timesteps", [("e2e_1step", [999]), ("e2e_2step", [999, 499])])
+def test_shipped_base_per_k_models(name, timesteps):
+    """The one- and two-step E2E models sample at their own K by default and load through the shared autoencoder."""
+    path = ROOT / "base" / f"{name}.safetensors"
     assert path.stat().st_size <= MAX_BYTES
     meta = read_model_meta(path)
-    assert meta["kind"] == "e2e" and meta["sampler"]["timesteps"] == [999]   # samples in one step by default
+    assert meta["kind"] == "e2e" and meta["sampler"]["timesteps"] == timesteps
+    assert meta["run_config"]["sampler_steps"] == len(timesteps)
+    pipe = load_pipeline(path)
+    assert all(p.dtype == torch.float32 for p in pipe.autoencoder.parameters())
 
 
 def test_shipped_base_models_load_into_float32_modules():
@@ -113,3 +121,77 @@ def test_convert_refuses_its_input_and_missing_files(pipeline_files, tmp_path, c
     msg = run_error(capsys, "convert", tmp_path / "missing.safetensors", tmp_path / "out.safetensors")
     assert "missing.safetensors" in msg and "does not exist" in msg
     assert not (tmp_path / "out.safetensors").exists()
+
+
+def _share(src: Path, folder: Path, dtype: str = "float16") -> tuple[Path, Path]:
+    """The tiny student's autoencoder as its own file in `folder`, and the student written against it."""
+    from e2ediff.assets import autoencoder_meta, load_autoencoder
+    from e2ediff.checkpoint import save_model_file, with_prefix
+
+    ae = load_autoencoder(src)
+    shared = folder / "autoencoder.safetensors"
+    save_model_file(shared, with_prefix(ae.state_dict(), "autoencoder"), {"kind": "autoencoder", **autoencoder_meta(ae)},
+                    dtype=getattr(torch, dtype))
+    out = folder / "student.safetensors"
+    assert main(["convert", str(src), str(out), "--dtype", dtype, "--share-autoencoder", str(shared)]) == 0
+    return shared, out
+
+
+def test_convert_shares_one_autoencoder_file(pipeline_files, tmp_path):
+    """A pipeline written against a shared autoencoder file holds no autoencoder tensors and loads to exactly the
+    modules of its self-contained twin; a copy elsewhere without the flag is self-contained again."""
+    src = pipeline_files["student"]
+    shared, out = _share(src, tmp_path)
+    twin = tmp_path / "twin.safetensors"
+    assert main(["convert", str(src), str(twin)]) == 0              # the same weights, autoencoder inside
+    stored = all_tensors(out)
+    assert stored and not any(k.startswith("autoencoder/") for k in stored)
+    assert out.stat().st_size < twin.stat().st_size - 0.9 * shared.stat().st_size
+    assert read_model_meta(out)["autoencoder_file"]["file"] == "autoencoder.safetensors"
+    a, b = load_pipeline(out), load_pipeline(twin)
+    for (n, x), (m, y) in zip(list(a.denoiser.state_dict().items()) + list(a.autoencoder.state_dict().items()),
+                              list(b.denoiser.state_dict().items()) + list(b.autoencoder.state_dict().items())):
+        assert n == m and torch.equal(x, y), n
+    ae = load_autoencoder(out)                                        # the autoencoder alone, through the reference
+    assert all(torch.equal(x, y) for x, y in zip(ae.state_dict().values(), b.autoencoder.state_dict().values()))
+    (tmp_path / "copy").mkdir()
+    copy = tmp_path / "copy" / "student.safetensors"
+    assert main(["convert", str(out), str(copy)]) == 0               # materialised: loads without the shared file
+    assert "autoencoder_file" not in read_model_meta(copy)
+    assert any(k.startswith("autoencoder/") for k in all_tensors(copy))
+    c = load_pipeline(copy)
+    assert all(torch.equal(x, y) for x, y in zip(c.autoencoder.state_dict().values(), b.autoencoder.state_dict().values()))
+
+
+def test_shared_autoencoder_errors_name_the_files(pipeline_files, tmp_path, capsys):
+    from e2ediff.assets import autoencoder_meta, load_autoencoder
+    from e2ediff.checkpoint import CheckpointError, save_model_file, with_prefix
+
+    src = pipeline_files["student"]
+    shared, out = _share(src, tmp_path)
+    # another autoencoder in the shared file's place: refused by its checksum, naming both files
+    ae = load_autoencoder(src)
+    with torch.no_grad():
+        next(ae.parameters()).add_(0.5)
+    save_model_file(shared, with_prefix(ae.state_dict(), "autoencoder"), {"kind": "autoencoder", **autoencoder_meta(ae)},
+                    dtype=torch.float16)
+    with pytest.raises(CheckpointError, match="another autoencoder") as e:
+        load_pipeline(out)
+    assert str(out) in str(e.value) and str(shared) in str(e.value)
+    # convert refuses to share an autoencoder the pipeline does not hold
+    msg = run_error(capsys, "convert", src, tmp_path / "other.safetensors", "--share-autoencoder", shared)
+    assert "is not the one in" in msg and str(shared) in msg
+    assert not (tmp_path / "other.safetensors").exists()
+    # the shared file gone: the error says which file and what to do
+    shared.unlink()
+    with pytest.raises(CheckpointError, match="does not exist") as e:
+        load_pipeline(out)
+    assert str(shared) in str(e.value)
+    # the shared file must sit beside the output (the reference is a bare file name)
+    (tmp_path / "elsewhere").mkdir()
+    _, out2 = _share(src, tmp_path / "elsewhere")
+    msg = run_error(capsys, "convert", src, tmp_path / "x.safetensors", "--share-autoencoder",
+                    tmp_path / "elsewhere" / "autoencoder.safetensors")
+    assert "--share-autoencoder" in msg and "folder of the output" in msg
+    msg = run_error(capsys, "convert", src, tmp_path / "x.safetensors", "--share-autoencoder", tmp_path / "nope.st")
+    assert "--share-autoencoder" in msg and "nope.st" in msg

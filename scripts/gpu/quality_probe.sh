@@ -38,6 +38,7 @@ evaluate() {  # evaluate NAME MODEL K: one JSON row in $R/eval_NAME_kK_$SPLIT.js
 }
 row() {  # row NAME [overrides]: time-limited E2E fine-tune of the student, then its K = 1, 2, 4 validation rows
   local name=$1; shift
+  [[ -n "${SKIP:-}" && "$name" =~ $SKIP ]] && return 1   # SKIP: a regex of rows to leave as they are
   local secs=${ROW_SECONDS:-150}   # train.max_seconds stops cleanly and exports; timeout only guards a hang
   local t0=$SECONDS
   train() { timeout $(($1 + 120)) $E finetune --preset "${PRESET:-base}" --run-dir "$R/$name" init="$LCM" \
@@ -197,6 +198,7 @@ if [[ "${STAGE:-all}" == decay ]]; then   # round 6: two levers on top of the an
   final() {  # final NAME: val snapshots, the best export by val, that export on test
     local f step best
     [ -n "${FINAL:-}" ] && [ -f "$R/$1/model.safetensors" ] || return 0
+    [[ -n "${SKIP:-}" && "$1" =~ $SKIP ]] && return 0
     for f in "$R/$1"/exports/model_step_*.safetensors; do
       step=${f##*_step_}; step=$((10#${step%.safetensors}))
       { [ $((step % EVERY)) -eq 0 ] && [ "$step" -gt "${SNAP_MIN:-1000}" ]; } || [ "$f" -ef "$(ls "$R/$1"/exports/model_step_*.safetensors | tail -1)" ] || continue

@@ -12,7 +12,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from e2ediff.checkpoint import CheckpointError, load_model_file, load_state_strict, split_prefix, with_prefix
+from e2ediff.checkpoint import (CheckpointError, load_model_file, load_state_strict, read_data_checksum, split_prefix,
+                                with_prefix)
 from e2ediff.conditioning import TextCond
 from e2ediff.config import DataConfig, from_dict
 from e2ediff.data.fashion_mnist import cache_dir
@@ -166,9 +167,34 @@ def autoencoder_meta(ae) -> dict:
     return {"autoencoder": to_dict(ae.config), "scaling_factor": float(ae.scaling_factor)}
 
 
+def with_autoencoder(path: Path, tensors: dict[str, torch.Tensor], meta: dict) -> dict[str, torch.Tensor]:
+    """A pipeline file's tensors with its autoencoder: its own ``autoencoder/`` tensors, or — for a file written by
+    ``e2ediff convert --share-autoencoder`` — those of the autoencoder file beside it that its metadata names, checked
+    against the checksum and configuration recorded there (so a swapped or retrained autoencoder is refused)."""
+    ref = meta.get("autoencoder_file")
+    if ref is None or any(k.startswith("autoencoder/") for k in tensors):
+        return tensors
+    if not isinstance(ref, dict) or not isinstance(ref.get("file"), str) or not isinstance(ref.get("sha256"), str):
+        raise CheckpointError(f"{path}: metadata key 'autoencoder_file' must be {{file, sha256}}, got {ref!r}")
+    name = ref["file"]
+    if Path(name).name != name or name in ("", ".", ".."):
+        raise CheckpointError(f"{path}: metadata key 'autoencoder_file.file' must be a file name beside it, "
+                              f"got {name!r}")
+    shared = path.parent / name
+    if not shared.is_file():
+        raise CheckpointError(f"{path} shares its autoencoder with {shared}, which does not exist; keep the two "
+                              f"files in one folder (or write a self-contained copy with `e2ediff convert`)")
+    ae_tensors, ae_meta = load_model_file(shared)   # checks the shared file's own data checksum
+    if read_data_checksum(shared) != ref["sha256"] or ae_meta.get("autoencoder") != meta.get("autoencoder"):
+        raise CheckpointError(f"{path} was written against another autoencoder than {shared} (sha256 or "
+                              f"configuration differ); it cannot be loaded with this one")
+    return {**tensors, **{k: v for k, v in ae_tensors.items() if k.startswith("autoencoder/")}}
+
+
 def load_autoencoder(path: str | Path):
     """An autoencoder from an autoencoder export or from any pipeline file (its ``autoencoder/`` tensors)."""
     tensors, meta = load_model_file(Path(path))
+    tensors = with_autoencoder(Path(path), tensors, meta)
     if "autoencoder" not in meta:
         raise CheckpointError(f"{path} holds no autoencoder (kind {meta.get('kind')!r})")
     ae = build_autoencoder(meta["autoencoder"])
@@ -201,6 +227,7 @@ def load_pipeline(path: str | Path, device: torch.device | str = "cpu") -> Pipel
     if path.is_dir():  # a run folder
         path = path / "model.safetensors"
     tensors, meta = load_model_file(path)
+    tensors = with_autoencoder(path, tensors, meta)
     if "net" not in meta:
         raise CheckpointError(f"{path} is not a denoiser pipeline file (kind {meta.get('kind')!r})")
     net = build_net(meta["net"])

@@ -365,6 +365,11 @@ def read_model_meta(path: Path) -> dict:
     return parsed
 
 
+def read_data_checksum(path: Path) -> str:
+    """The sha256 of a model file's tensor data as stored in its metadata (``load_model_file`` verifies it)."""
+    return _read_metadata(Path(path)).get("e2ediff_sha256", "")
+
+
 def load_model_file(path: Path) -> tuple[dict[str, torch.Tensor], dict]:
     """(float32 tensors, metadata) of a ``save_model_file`` file; CheckpointError naming the path if it is missing,
     not ours, truncated or its tensor data does not match the stored checksum."""

@@ -102,6 +102,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("input", type=Path, help="model file (model.safetensors or its run folder)")
     p.add_argument("output", type=Path, help="file to write (atomically); may not be the input")
     p.add_argument("--dtype", choices=["float16", "bfloat16", "float32"], default="float16")
+    p.add_argument("--share-autoencoder", type=Path, metavar="FILE",
+                   help="an autoencoder file beside OUTPUT that holds this pipeline's autoencoder (equal at --dtype): "
+                        "OUTPUT keeps a checked reference to it instead of a copy (the shipped files share one)")
 
     p = sub.add_parser("demo", help="the Fashion-MNIST miniature on a CPU: fine-tune, evaluate, write a report")
     p.add_argument("--output", type=Path, default=Path("runs/demo"), help="report folder")
@@ -444,13 +447,31 @@ def cmd_train_lpips(args) -> None:
 
 
 def cmd_convert(args) -> None:
-    from e2ediff.checkpoint import load_model_file, save_model_file
+    from e2ediff.assets import with_autoencoder
+    from e2ediff.checkpoint import load_model_file, read_data_checksum, save_model_file
 
     source = args.input / "model.safetensors" if args.input.is_dir() else args.input
     if source.resolve() == args.output.resolve():
         raise ValueError(f"convert: output {args.output} is the input file; write to another path")
     tensors, meta = load_model_file(source)
-    save_model_file(args.output, tensors, meta, dtype=getattr(torch, args.dtype))
+    tensors = with_autoencoder(source, tensors, meta)   # a shared autoencoder is copied in unless shared again
+    meta.pop("autoencoder_file", None)
+    dtype = getattr(torch, args.dtype)
+    if args.share_autoencoder is not None:
+        shared = args.share_autoencoder
+        if shared.resolve().parent != args.output.resolve().parent:
+            raise ValueError(f"convert: --share-autoencoder {shared} must sit in the folder of the output "
+                             f"{args.output} (the reference is a file name)")
+        ae_tensors, ae_meta = load_model_file(shared)
+        own = {k: v for k, v in tensors.items() if k.startswith("autoencoder/")}
+        theirs = {k: v for k, v in ae_tensors.items() if k.startswith("autoencoder/")}
+        if (own.keys() != theirs.keys() or ae_meta.get("autoencoder") != meta.get("autoencoder")
+                or any(not torch.equal(v.to(dtype), theirs[k].to(dtype)) for k, v in own.items())):
+            raise ValueError(f"convert: {source}'s autoencoder is not the one in {shared} (at {args.dtype}); "
+                             f"cannot share it")
+        tensors = {k: v for k, v in tensors.items() if not k.startswith("autoencoder/")}
+        meta["autoencoder_file"] = {"file": shared.name, "sha256": read_data_checksum(shared)}
+    save_model_file(args.output, tensors, meta, dtype=dtype)
     print(f"{source} ({source.stat().st_size / 1e6:.2f} MB) -> {args.output} "
           f"({args.output.stat().st_size / 1e6:.2f} MB, {args.dtype})")
 

@@ -261,7 +261,9 @@ def check_command(args) -> None:
     elif cmd == "convert":
         source = _model_file(args.input)
         check_input("input", source)
-        check_output_file("output", args.output, {"file": source})
+        if get("share_autoencoder") is not None:
+            check_input("--share-autoencoder", args.share_autoencoder)
+        check_output_file("output", args.output, {"file": source, "--share-autoencoder": get("share_autoencoder")})
     elif cmd == "train-classifier":
         check_output_dir("--output", args.output, ("model.safetensors", "config.json", "eval.json"), inputs)
     elif cmd == "train-lpips":
