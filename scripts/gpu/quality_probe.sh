@@ -8,7 +8,8 @@
 #   STAGE=warm  bash scripts/gpu/quality_probe.sh      # round 3: discriminator warm-up, longer runs, slow EMA, anchor
 #   STAGE=anchor bash scripts/gpu/quality_probe.sh     # round 4: the anchored recipe x 3 seeds (val + test), neighbours
 #   STAGE=long  bash scripts/gpu/quality_probe.sh      # round 5: anchored x 3 seeds run longer, + energy score
-#   STAGE=decay bash scripts/gpu/quality_probe.sh      # round 6: anchor decaying to 0; K = 2 models; 3 seeds each
+#   STAGE=decay bash scripts/gpu/quality_probe.sh      # round 6: anchor decaying to 0 (collapses once it is 0);
+#                                                      #   K = 2 models (base/e2e_2step); 3 seeds each
 #   STAGE=confirm SPLIT=test EVAL_N=10000 STEPS=800 ... # `adversarial` x 3 seeds, with and without K = 1
 #
 # Inputs (ignored by git, carried to the GPU machine): .gpu/fashion-mnist (the IDX .gz files), .gpu/cache (the MiniLM
