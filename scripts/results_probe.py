@@ -4,6 +4,8 @@ and each FD as a ratio to the student's at the same K (the issue-#9 bar: ≤ 0.7
     python scripts/results_probe.py docs/results/gpu-2026-12-06/quality-round1
     python scripts/results_probe.py runs/gpu-quality --plain        # fixed-width, as the probe prints it
     python scripts/results_probe.py DIR --split test                 # the rows scored on test (default: val)
+    python scripts/results_probe.py DIR --best ROW [ROW ...]         # each row's best export on val (NAME@STEP)
+    python scripts/results_probe.py DIR --best-per-family            # the best export of each family of rows
 
 A row NAME@STEP is the export of row NAME at that training step; they follow their row's name in step order.
 """
@@ -31,6 +33,32 @@ def load(folder: Path, split: str = "val") -> dict[str, dict[int, dict]]:
     return rows
 
 
+def val_score(rows: dict[str, dict[int, dict]], name: str) -> float:
+    """Sum of the val FD ratios to the student at K = 2 and 4 — at K = 2 alone for a two-step model (a row named
+    ``k2*``); KeyError if a needed row is missing."""
+    ks = (2,) if name.startswith("k2") else (2, 4)
+    return sum(rows[name][k]["fd"] / rows["student"][k]["fd"] for k in ks)
+
+
+def best_exports(folder: Path, names: list[str] | None = None, per_family: bool = False) -> list[str]:
+    """The export NAME@STEP of each row (``names``, default every row with scored exports) with the lowest val score;
+    ``per_family``: only the best of each family (the row name without its ``_sSEED``)."""
+    rows = load(folder, "val")
+    best: dict[str, tuple[float, str]] = {}
+    for export in rows:
+        row = export.partition("@")[0]
+        if "@" not in export or (names and row not in names):
+            continue
+        try:
+            score = val_score(rows, export)
+        except KeyError:
+            continue
+        key = row.rsplit("_s", 1)[0] if per_family else row
+        if key not in best or score < best[key][0]:
+            best[key] = (score, export)
+    return [export for _, export in best.values()]
+
+
 def main(folder: Path, plain: bool = False, split: str = "val") -> None:
     rows = load(folder, split)
     ref = rows.get("student", {})
@@ -56,4 +84,8 @@ def main(folder: Path, plain: bool = False, split: str = "val") -> None:
 
 if __name__ == "__main__":
     args = sys.argv[2:]
+    if "--best" in args or "--best-per-family" in args:   # one NAME@STEP a line (quality_probe.sh's selection on val)
+        flag = "--best" if "--best" in args else "--best-per-family"
+        print("\n".join(best_exports(Path(sys.argv[1]), args[args.index(flag) + 1:], flag == "--best-per-family")))
+        sys.exit(0)
     main(Path(sys.argv[1]), plain="--plain" in args, split=args[args.index("--split") + 1] if "--split" in args else "val")

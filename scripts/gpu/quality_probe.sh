@@ -196,32 +196,20 @@ if [[ "${STAGE:-all}" == decay ]]; then   # round 6: two levers on top of the an
   A=$KEEP; D="loss.anchor_decay=${DECAY:-2500}"; K2="sampler_steps=2 sampler_steps_mix=null"
   B="loss.space=features loss.real_bank=16 loss.energy=1.0"
   EVERY=${EVAL_EVERY:-900}
+  export_path() { echo "$R/${1%@*}/exports/model_step_$(printf %08d "${1#*@}").safetensors"; }   # NAME@STEP's file
   final() {  # final NAME: val snapshots, the best export by val, that export on test
-    local f step best
+    local f step best last
     [ -n "${FINAL:-}" ] && [ -f "$R/$1/model.safetensors" ] || return 0
     [[ -n "${SKIP:-}" && "$1" =~ $SKIP ]] && return 0
+    last=$(ls "$R/$1"/exports/model_step_*.safetensors | tail -1)
     for f in "$R/$1"/exports/model_step_*.safetensors; do
       step=${f##*_step_}; step=$((10#${step%.safetensors}))
-      { [ $((step % EVERY)) -eq 0 ] && [ "$step" -gt "${SNAP_MIN:-1000}" ]; } || [ "$f" -ef "$(ls "$R/$1"/exports/model_step_*.safetensors | tail -1)" ] || continue
+      { [ $((step % EVERY)) -eq 0 ] && [ "$step" -gt "${SNAP_MIN:-1000}" ]; } || [ "$f" = "$last" ] || continue
       for k in 2 4; do [ -f "$R/eval_$1@${step}_k${k}_val.json" ] || evaluate "$1@$step" "$f" $k; done
     done
-    best=$(python3 - "$R" "$1" <<'PY'
-import json, sys
-from pathlib import Path
-R, name = Path(sys.argv[1]), sys.argv[2]
-fd = lambda n, k: json.loads((R / f"eval_{n}_k{k}_val.json").read_text())["fd"]
-ks = (2,) if name.startswith("k2") else (2, 4)
-scores = {}
-for f in R.glob(f"eval_{name}@*_k2_val.json"):
-    n = f.name[len("eval_"):-len("_k2_val.json")]
-    try: scores[n] = sum(fd(n, k) / fd("student", k) for k in ks)
-    except (OSError, KeyError, ValueError): pass
-print(min(scores, key=scores.get) if scores else "")
-PY
-)
+    best=$(python3 scripts/results_probe.py "$R" --best "$1")
     [ -n "$best" ] || return 0
-    echo "$1: best on val $best"; local path="$R/$1/exports/model_step_$(printf %08d "${best#*@}").safetensors"
-    ln -sf "$(basename "$path")" "$R/$1/exports/best.safetensors"
+    echo "$1: best on val $best"; local path; path=$(export_path "$best")
     for k in 1 2 4; do SPLIT=test N=${TEST_N:-10000} evaluate "$best" "$path" $k; done
   }
   (student; [ -z "${FINAL:-}" ] || for k in 1 2 4; do SPLIT=test N=${TEST_N:-10000} evaluate student "$LCM" $k; done) &
@@ -237,22 +225,8 @@ PY
   fi
   wait
   if [ -n "${FINAL:-}" ] && [ -n "${OUT:-}" ]; then   # float16: the best row of each family by its val score
-    python3 - "$R" <<'PY' | while read -r name; do $E convert "$R/$name/exports/best.safetensors" "$OUT/q_$name.safetensors"; done
-import json, sys
-from pathlib import Path
-R = Path(sys.argv[1])
-fd = lambda n, k: json.loads((R / f"eval_{n}_k{k}_val.json").read_text())["fd"]
-best = {}
-for d in sorted(R.iterdir()):
-    if not (d / "exports" / "best.safetensors").exists(): continue
-    ks = (2,) if d.name.startswith("k2") else (2, 4)
-    n = f"{d.name}@{int((d / 'exports' / 'best.safetensors').resolve().stem.split('_')[-1])}"
-    try: score = sum(fd(n, k) / fd("student", k) for k in ks)
-    except (OSError, KeyError, ValueError): continue
-    fam = d.name.rsplit("_s", 1)[0]
-    if fam not in best or score < best[fam][0]: best[fam] = (score, d.name)
-print("\n".join(name for _, name in best.values()))
-PY
+    python3 scripts/results_probe.py "$R" --best-per-family |
+      while read -r best; do $E convert "$(export_path "$best")" "$OUT/q_${best%@*}.safetensors"; done
   fi
 fi
 if [[ "${STAGE:-all}" == confirm ]]; then   # round 3: the shipped recipe, 3 seeds, and K = 1 taken out of the mix

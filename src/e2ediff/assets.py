@@ -12,8 +12,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from e2ediff.checkpoint import (CheckpointError, load_model_file, load_state_strict, read_data_checksum, split_prefix,
-                                with_prefix)
+from e2ediff.checkpoint import (CheckpointError, load_model_file, load_state_strict, read_data_checksum,
+                                read_model_meta, split_prefix, with_prefix)
 from e2ediff.conditioning import TextCond
 from e2ediff.config import DataConfig, from_dict
 from e2ediff.data.fashion_mnist import cache_dir
@@ -184,10 +184,11 @@ def with_autoencoder(path: Path, tensors: dict[str, torch.Tensor], meta: dict) -
     if not shared.is_file():
         raise CheckpointError(f"{path} shares its autoencoder with {shared}, which does not exist; keep the two "
                               f"files in one folder (or write a self-contained copy with `e2ediff convert`)")
-    ae_tensors, ae_meta = load_model_file(shared)   # checks the shared file's own data checksum
-    if read_data_checksum(shared) != ref["sha256"] or ae_meta.get("autoencoder") != meta.get("autoencoder"):
+    ae_meta = read_model_meta(shared) if read_data_checksum(shared) == ref["sha256"] else None   # header only
+    if ae_meta is None or ae_meta.get("autoencoder") != meta.get("autoencoder"):
         raise CheckpointError(f"{path} was written against another autoencoder than {shared} (sha256 or "
                               f"configuration differ); it cannot be loaded with this one")
+    ae_tensors, _ = load_model_file(shared)   # verifies the data against that checksum
     return {**tensors, **{k: v for k, v in ae_tensors.items() if k.startswith("autoencoder/")}}
 
 

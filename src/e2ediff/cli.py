@@ -448,7 +448,7 @@ def cmd_train_lpips(args) -> None:
 
 def cmd_convert(args) -> None:
     from e2ediff.assets import with_autoencoder
-    from e2ediff.checkpoint import load_model_file, read_data_checksum, save_model_file
+    from e2ediff.checkpoint import load_model_file, read_data_checksum, save_model_file, split_prefix
 
     source = args.input / "model.safetensors" if args.input.is_dir() else args.input
     if source.resolve() == args.output.resolve():
@@ -463,8 +463,7 @@ def cmd_convert(args) -> None:
             raise ValueError(f"convert: --share-autoencoder {shared} must sit in the folder of the output "
                              f"{args.output} (the reference is a file name)")
         ae_tensors, ae_meta = load_model_file(shared)
-        own = {k: v for k, v in tensors.items() if k.startswith("autoencoder/")}
-        theirs = {k: v for k, v in ae_tensors.items() if k.startswith("autoencoder/")}
+        own, theirs = split_prefix(tensors, "autoencoder"), split_prefix(ae_tensors, "autoencoder")
         if (own.keys() != theirs.keys() or ae_meta.get("autoencoder") != meta.get("autoencoder")
                 or any(not torch.equal(v.to(dtype), theirs[k].to(dtype)) for k, v in own.items())):
             raise ValueError(f"convert: {source}'s autoencoder is not the one in {shared} (at {args.dtype}); "
