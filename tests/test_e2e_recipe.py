@@ -487,3 +487,116 @@ def test_demo_plot_reads_a_log_whose_first_steps_train_the_discriminator_alone(t
     results = [{"name": "student", "nfe": k, "fd": 2.0 / k} for k in (1, 2, 4)]
     _plot(tmp_path, results, metrics)
     assert (tmp_path / "plot.png").stat().st_size > 0
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# loss.gan_group_std: the discriminator sees the spread of each caption's samples (minibatch std, StyleGAN)
+
+
+def test_group_spread_is_the_per_group_standard_deviation_in_float64():
+    from e2ediff.losses.gan import group_spread
+
+    g = torch.Generator().manual_seed(0)
+    h = torch.randn(6, 5, 3, 2, generator=g, dtype=torch.float64)
+    got = group_spread(h, 3).numpy()
+    x = h.numpy().reshape(2, 3, 5, 6)
+    want = np.sqrt(x.var(axis=1) + 1e-8).mean(axis=2)                      # [groups, F]
+    np.testing.assert_allclose(got, np.repeat(want, 3, axis=0), rtol=1e-12)
+    with pytest.raises(ValueError, match="groups of 4"):
+        group_spread(h, 4)
+
+
+@pytest.mark.parametrize("space", ["latent", "features"])
+def test_group_std_logits_depend_on_the_group_not_the_order_within_it(space, tmp_path):
+    from e2ediff.losses.gan import LatentDiscriminator
+
+    torch.manual_seed(0)
+    if space == "latent":
+        disc, x = LatentDiscriminator(text_dim=TEXT_DIM, group=3), torch.randn(6, 4, 8, 8)
+    else:
+        backbone = FashionFeatureNet.load(feature_net(tmp_path))
+        disc, x = FeatureDiscriminator(backbone, TEXT_DIM, hidden=8, group=3), torch.rand(6, 1, 32, 32) * 2 - 1
+    x[3:] = x[3]                                                            # the second group has no spread
+    pooled = make_cond(2).pooled.repeat_interleave(3, 0)
+    disc.requires_grad_(False)
+    for layer in disc.psi_group.modules():                                  # a visible group term (trained heads
+        if isinstance(layer, torch.nn.Linear):                              # are far from their random start)
+            layer.weight.mul_(100.0)
+    base = disc(x, pooled)
+    within = torch.tensor([2, 0, 1, 4, 5, 3])                               # members shuffled inside each group
+    torch.testing.assert_close(disc(x[within], pooled)[within.argsort()], base)
+    across = torch.tensor([3, 1, 2, 0, 4, 5])                               # rows 0 and 3 trade groups
+    moved = disc(x[across], pooled)
+    assert float((moved[4:] - base[4:]).abs().max()) > 1e-2                 # the untouched members see a new spread
+    # without the group term the same swap leaves those members' logits as they were
+    plain = LatentDiscriminator(text_dim=TEXT_DIM) if space == "latent" else \
+        FeatureDiscriminator(FashionFeatureNet.load(feature_net(tmp_path)), TEXT_DIM, hidden=8)
+    assert float((plain(x[across], pooled)[4:] - plain(x, pooled)[4:]).abs().max()) < 1e-3
+    assert not any("group" in k for k in plain.state_dict())                # files of group-free runs unchanged
+
+
+def test_group_std_discriminator_tells_a_collapsed_generator_from_data_that_a_per_sample_one_cannot():
+    """Fakes are real draws repeated m times (each sample has exactly the data's distribution, the groups have no
+    spread). A per-sample discriminator can do no better than chance; the minibatch-std one separates them."""
+    from e2ediff.losses.gan import LatentDiscriminator, d_hinge
+
+    m, b = 4, 16
+    pooled = torch.zeros(b * m, TEXT_DIM)
+
+    def accuracy(group):
+        torch.manual_seed(0)
+        disc = LatentDiscriminator(text_dim=TEXT_DIM, hidden=16, group=group)
+        opt = torch.optim.Adam(disc.parameters(), lr=2e-3, betas=(0.0, 0.99))
+        g = torch.Generator().manual_seed(1)
+        for _ in range(150):
+            real = torch.randn(b * m, 4, 8, 8, generator=g)
+            fake = torch.randn(b, 4, 8, 8, generator=g).repeat_interleave(m, 0)
+            loss = d_hinge(disc(real, pooled), disc(fake, pooled)).mean()
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        with torch.no_grad():
+            real = torch.randn(b * m, 4, 8, 8, generator=g)
+            fake = torch.randn(b, 4, 8, 8, generator=g).repeat_interleave(m, 0)
+            return 0.5 * float((disc(real, pooled) > 0).float().mean() + (disc(fake, pooled) < 0).float().mean())
+
+    assert accuracy(m) > 0.95
+    assert accuracy(1) < 0.75
+
+
+def test_group_std_finetune_draws_real_groups_of_the_captions_class(tmp_path):
+    cfg = gan_run(tmp_path, 2, loss=dict(gan_group_std=True, anchor=1.0), disc_warmup=1)
+    cfg.samples_per_caption = 3
+    validate(cfg)
+    data = StandInData()
+    task = FinetuneTask(cfg, torch.device("cpu"), data=data, init=student_pipeline())
+    assert task.objective.disc.group == 3
+    seen = []
+    d_loss = task.objective.discriminator_loss
+
+    def spy(z0_hat, z0, images, cond, m, real_groups=None):
+        seen.append((images.clone(), real_groups.clone()))
+        return d_loss(z0_hat, z0, images, cond, m, real_groups)
+
+    task.objective.discriminator_loss = spy
+    last = train(task, cfg.train, tmp_path / "run", cfg, "finetune")
+    assert math.isfinite(last["loss/net"]) and math.isfinite(last["loss/disc"])
+    for images, groups in seen:
+        groups = groups.view(len(images), 3, *images.shape[1:])
+        assert torch.equal(groups[:, 0], images)                             # the caption's own image first
+        for i, img in enumerate(images):                                     # then real images of its class
+            cls = int(data.labels[[bool((data.images[j] == img).all()) for j in range(len(data.images))]][0])
+            for member in groups[i, 1:]:
+                hits = [j for j in range(len(data.images)) if bool((data.images[j] == member).all())]
+                assert hits and all(int(data.labels[j]) == cls for j in hits)
+    assert any(not torch.equal(groups.view(len(images), 3, -1)[:, 1], groups.view(len(images), 3, -1)[:, 2])
+               for images, groups in seen)                                   # drawn, not copies
+
+
+@pytest.mark.parametrize("override, message", [
+    (dict(loss=E2ELoss(energy=1.0, gan_group_std=True)), "loss.gan_group_std"),
+    (dict(samples_per_caption=1, loss=E2ELoss(energy=0.0, gan=1.0, gan_group_std=True)), "samples_per_caption"),
+])
+def test_group_std_options_are_validated(override, message):
+    with pytest.raises(ConfigError, match=message.replace(".", r"\.")):
+        validate(FinetuneRun(init="x.safetensors", **override))

@@ -66,11 +66,11 @@ def assert_same_checkpoint(a: Path, b: Path) -> None:
 
 
 CASES = [("train-autoencoder", ()), ("pretrain", ()), ("distill", ()), ("finetune", ()),
-         ("finetune", ("loss.gan=0.1",))]
+         ("finetune", ("loss.gan=0.1",)), ("finetune", ("loss.gan=0.1", "loss.gan_group_std=true"))]
 
 
 @pytest.mark.parametrize("command,extra", CASES, ids=["autoencoder", "pretrain", "distill", "finetune",
-                                                      "finetune-gan"])
+                                                      "finetune-gan", "finetune-gan-group-std"])
 def test_resume_is_bit_identical_to_a_straight_run(command, extra, fake_env, pipeline_files, tmp_path,
                                                    restore_determinism):
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"

@@ -10,6 +10,8 @@
 #   STAGE=long  bash scripts/gpu/quality_probe.sh      # round 5: anchored x 3 seeds run longer, + energy score
 #   STAGE=decay bash scripts/gpu/quality_probe.sh      # round 6: anchor decaying to 0 (collapses once it is 0);
 #                                                      #   K = 2 models (base/e2e_2step); 3 seeds each
+#   STAGE=group bash scripts/gpu/quality_probe.sh      # round 7: the shipped models trained on (re-anchored), and
+#                                                      #   the minibatch-std discriminator (loss.gan_group_std)
 #   STAGE=confirm SPLIT=test EVAL_N=10000 STEPS=800 ... # `adversarial` x 3 seeds, with and without K = 1
 #
 # Inputs (ignored by git, carried to the GPU machine): .gpu/fashion-mnist (the IDX .gz files), .gpu/cache (the MiniLM
@@ -42,7 +44,7 @@ row() {  # row NAME [overrides]: time-limited E2E fine-tune of the student, then
   [[ -n "${SKIP:-}" && "$name" =~ $SKIP ]] && return 1   # SKIP: a regex of rows to leave as they are
   local secs=${ROW_SECONDS:-150}   # train.max_seconds stops cleanly and exports; timeout only guards a hang
   local t0=$SECONDS
-  train() { timeout $(($1 + 120)) $E finetune --preset "${PRESET:-base}" --run-dir "$R/$name" init="$LCM" \
+  train() { timeout $(($1 + 120)) $E finetune --preset "${PRESET:-base}" --run-dir "$R/$name" init="${INIT:-$LCM}" \
     train.steps="${STEPS:-100000}" \
     train.max_seconds="$1" train.batch_size=32 samples_per_caption=4 train.checkpoint_every=50 train.log_every=10 \
     train.progress=false train.device="$DEV" "${@:2}" >> "$R/$name.log" 2>&1; }
@@ -58,7 +60,8 @@ print(r(sys.argv[1]).get('step'))" "$R/$name/model.safetensors")
   echo "$name done: step $step"
   save
 }
-student() {  # the reference row, scored like every other row in the same run
+student() {  # the reference row, scored like every other row in the same run (a call without the file skips it)
+  [ -f "$LCM" ] || { echo "student: $LCM not here; not scored in this call"; return 0; }
   for k in 1 2 4; do [ -f "$R/eval_student_k${k}_$SPLIT.json" ] || evaluate student "$LCM" $k; done
   echo "student done"; save
 }
@@ -67,6 +70,35 @@ FAST=${FAST:-}
 KEEP="loss.lpips_weights=$LP train.keep_exports=true train.checkpoint_every=${CKPT:-450} ${LONG_X:-}"
 F="loss.lpips_weights=$LP"
 MIX="sampler_steps_mix=[1,2,4] train.keep_exports=true"     # rows of rounds 1-2: K drawn per step, exports kept
+
+# rounds 6-7, FINAL=1: each row's exports at multiples of EVAL_EVERY past SNAP_MIN and its last model are scored on
+# val; the export with the best val (sum of its K = 2 and 4 FD ratios; K = 2 alone for k2* rows) is scored on test at
+# K = 1, 2, 4 (TEST_N)
+EVERY=${EVAL_EVERY:-900}
+export_path() { echo "$R/${1%@*}/exports/model_step_$(printf %08d "${1#*@}").safetensors"; }   # NAME@STEP's file
+final() {  # final NAME: val snapshots, the best export by val, that export on test
+  local f step best last
+  [ -n "${FINAL:-}" ] && [ -f "$R/$1/model.safetensors" ] || return 0
+  [[ -n "${SKIP:-}" && "$1" =~ $SKIP ]] && return 0
+  last=$(ls "$R/$1"/exports/model_step_*.safetensors | tail -1)
+  for f in "$R/$1"/exports/model_step_*.safetensors; do
+    step=${f##*_step_}; step=$((10#${step%.safetensors}))
+    { [ $((step % EVERY)) -eq 0 ] && [ "$step" -gt "${SNAP_MIN:-1000}" ]; } || [ "$f" = "$last" ] || continue
+    for k in 2 4; do [ -f "$R/eval_$1@${step}_k${k}_val.json" ] || evaluate "$1@$step" "$f" $k; done
+  done
+  best=$(python3 scripts/results_probe.py "$R" --best "$1")
+  [ -n "$best" ] || return 0
+  echo "$1: best on val $best"; local path; path=$(export_path "$best")
+  for k in 1 2 4; do [ -f "$R/eval_${best}_k${k}_test.json" ] || SPLIT=test N=${TEST_N:-10000} evaluate "$best" "$path" $k
+  done
+}
+final_student() { [ -z "${FINAL:-}" ] || [ ! -f "$LCM" ] ||
+  for k in 1 2 4; do [ -f "$R/eval_student_k${k}_test.json" ] || SPLIT=test N=${TEST_N:-10000} evaluate student "$LCM" $k; done; }
+fp16_best() {  # float16 copies of the best export of each family (by val) to $OUT
+  [ -n "${FINAL:-}" ] && [ -n "${OUT:-}" ] || return 0
+  python3 scripts/results_probe.py "$R" --best-per-family |
+    while read -r best; do $E convert "$(export_path "$best")" "$OUT/q_${best%@*}.safetensors"; done
+}
 
 if [[ "${STAGE:-all}" == bench || "${STAGE:-all}" == all ]]; then
   python3 benchmarks/e2e_speed.py --old-src .gpu/old/src --device cuda --warmup "${BENCH_WARMUP:-15}" \
@@ -195,24 +227,7 @@ if [[ "${STAGE:-all}" == decay ]]; then   # round 6: two levers on top of the an
   # 2, 4 (TEST_N) and, the best of each family, copied to $OUT in float16.
   A=$KEEP; D="loss.anchor_decay=${DECAY:-2500}"; K2="sampler_steps=2 sampler_steps_mix=null"
   B="loss.space=features loss.real_bank=16 loss.energy=1.0"
-  EVERY=${EVAL_EVERY:-900}
-  export_path() { echo "$R/${1%@*}/exports/model_step_$(printf %08d "${1#*@}").safetensors"; }   # NAME@STEP's file
-  final() {  # final NAME: val snapshots, the best export by val, that export on test
-    local f step best last
-    [ -n "${FINAL:-}" ] && [ -f "$R/$1/model.safetensors" ] || return 0
-    [[ -n "${SKIP:-}" && "$1" =~ $SKIP ]] && return 0
-    last=$(ls "$R/$1"/exports/model_step_*.safetensors | tail -1)
-    for f in "$R/$1"/exports/model_step_*.safetensors; do
-      step=${f##*_step_}; step=$((10#${step%.safetensors}))
-      { [ $((step % EVERY)) -eq 0 ] && [ "$step" -gt "${SNAP_MIN:-1000}" ]; } || [ "$f" = "$last" ] || continue
-      for k in 2 4; do [ -f "$R/eval_$1@${step}_k${k}_val.json" ] || evaluate "$1@$step" "$f" $k; done
-    done
-    best=$(python3 scripts/results_probe.py "$R" --best "$1")
-    [ -n "$best" ] || return 0
-    echo "$1: best on val $best"; local path; path=$(export_path "$best")
-    for k in 1 2 4; do SPLIT=test N=${TEST_N:-10000} evaluate "$best" "$path" $k; done
-  }
-  (student; [ -z "${FINAL:-}" ] || for k in 1 2 4; do SPLIT=test N=${TEST_N:-10000} evaluate student "$LCM" $k; done) &
+  (student; final_student) &
   for seed in 0 1 2; do
     (PRESET=anchored row decay_s$seed $A $D train.seed=$seed; final decay_s$seed; save) &
     (PRESET=anchored row k2_s$seed $A $K2 train.seed=$seed; final k2_s$seed; save) &
@@ -224,10 +239,28 @@ if [[ "${STAGE:-all}" == decay ]]; then   # round 6: two levers on top of the an
     (PRESET=anchored row k2_decay_s0 $A $K2 $D train.seed=0; final k2_decay_s0; save) &
   fi
   wait
-  if [ -n "${FINAL:-}" ] && [ -n "${OUT:-}" ]; then   # float16: the best row of each family by its val score
-    python3 scripts/results_probe.py "$R" --best-per-family |
-      while read -r best; do $E convert "$(export_path "$best")" "$OUT/q_${best%@*}.safetensors"; done
-  fi
+  fp16_best
+fi
+if [[ "${STAGE:-all}" == group ]]; then   # round 7: the shipped models trained on, 3 seeds each, and the
+  # minibatch-std discriminator on top (round 6: diversity stays at 0.83-0.85 under every lever; no per-sample
+  # discriminator can see a caption's spread). Every row starts from a shipped model and is anchored to it:
+  # k2c_s*: `anchored-2step` from base/e2e_2step; mixc_s*: `anchored` (K from {1, 2, 4}) from base/e2e;
+  # k2g_s0 / mixg_s0: the same with loss.gan_group_std=true. The student is scored when its file is here (a first
+  # call that cannot carry it leaves it to the next). Chunks on one warm machine resume every row:
+  #   FAST="train.compile=reduce-overhead checkpointing=false" STAGE=group ROW_SECONDS=400 ROW_KS= FINAL=1 ...
+  A=$KEEP; G="loss.gan_group_std=true"
+  (student; final_student) &
+  for seed in 0 1 2; do
+    (PRESET=anchored-2step INIT=checkpoints/base/e2e_2step.safetensors row k2c_s$seed $A train.seed=$seed
+     final k2c_s$seed; save) &
+    (PRESET=anchored INIT=checkpoints/base/e2e.safetensors row mixc_s$seed $A train.seed=$seed; final mixc_s$seed
+     save) &
+  done
+  (PRESET=anchored-2step INIT=checkpoints/base/e2e_2step.safetensors row k2g_s0 $A $G train.seed=0; final k2g_s0
+   save) &
+  (PRESET=anchored INIT=checkpoints/base/e2e.safetensors row mixg_s0 $A $G train.seed=0; final mixg_s0; save) &
+  wait
+  fp16_best
 fi
 if [[ "${STAGE:-all}" == confirm ]]; then   # round 3: the shipped recipe, 3 seeds, and K = 1 taken out of the mix
   # SPLIT=test EVAL_N=10000 STEPS=800 ROW_SECONDS=480 FAST="train.compile=reduce-overhead checkpointing=false" \

@@ -46,6 +46,8 @@ class E2ELoss:
     r1: float = 0.0                      # R1 penalty weight on real inputs of the discriminator
     gan_grid: int = 1                    # > 1: spatial projection — the caption term per cell of a g x g grid of the
                                          # discriminator's map (where the caption's objects are), not one global pool
+    gan_group_std: bool = False          # minibatch std (StyleGAN): the discriminator also sees the spread of each
+                                         # caption's m samples, against m real images of the caption's class
     anchor: float = 0.0                  # λ_anchor: mean (ẑ0 − ẑ0_init)², ẑ0_init the frozen starting model's sample
                                          # from the same noises and w (ADD's distillation term, the init as teacher)
     anchor_decay: int = 0                # > 0: λ_anchor falls linearly to 0 over this many network steps after the
@@ -58,6 +60,8 @@ class E2ELoss:
         _check(self.gan_grid >= 1, "loss.gan_grid", self.gan_grid, ">= 1")
         _check(self.anchor_decay == 0 or self.anchor > 0, "loss.anchor_decay", self.anchor_decay,
                "0 unless loss.anchor > 0 (there is no anchor to decay)")
+        _check(not self.gan_group_std or self.gan > 0, "loss.gan_group_std", self.gan_group_std,
+               "false unless loss.gan > 0 (there is no discriminator to show the spread to)")
         _check(self.l1 + self.l2 + self.lpips + self.energy + self.gan > 0, "loss", "all weights 0",
                "at least one positive weight among l1, l2, lpips, energy, gan")
         _check(not self.uses_feature_net or bool(self.lpips_weights), "loss.lpips_weights", self.lpips_weights,
@@ -113,6 +117,8 @@ class FinetuneRun:
         _check(mix is None or self.timesteps is None, "sampler_steps_mix", mix,
                "None when timesteps is set (the schedule makes each K's timesteps)")
         _check(mix is None or self.truncate == 0, "sampler_steps_mix", mix, "None when truncate > 0")
+        _check(not self.loss.gan_group_std or self.samples_per_caption >= 2, "samples_per_caption",
+               self.samples_per_caption, ">= 2 when loss.gan_group_std (a group is one caption's samples)")
         _check(self.disc_warmup >= 0, "disc_warmup", self.disc_warmup, ">= 0")
         _check(self.disc_warmup == 0 or self.loss.gan > 0, "disc_warmup", self.disc_warmup,
                "0 unless loss.gan > 0 (there is no discriminator to warm up)")
@@ -228,7 +234,8 @@ class E2EObjective(nn.Module):
     the discriminator; `discriminator_loss` is its own objective."""
 
     def __init__(self, cfg: E2ELoss, autoencoder: nn.Module, text_dim: int = 384, latent_channels: int = 4,
-                 latent_size: int = 8, image_channels: int = 1, image_size: int = 32):
+                 latent_size: int = 8, image_channels: int = 1, image_size: int = 32, group: int = 1):
+        """group: samples per caption m when ``loss.gan_group_std`` (the discriminator's minibatch-std groups)."""
         super().__init__()
         self.cfg = cfg
         self.autoencoder = autoencoder
@@ -237,12 +244,15 @@ class E2EObjective(nn.Module):
         if cfg.gan > 0:
             from e2ediff.losses.gan import FeatureDiscriminator, LatentDiscriminator, PixelDiscriminator
 
+            group = group if cfg.gan_group_std else 1
+            if cfg.gan_group_std and group < 2:
+                raise ValueError(f"loss.gan_group_std needs groups of 2 or more samples per caption; got {group}")
             if cfg.gan_space == "latent":
-                self.disc = LatentDiscriminator(latent_channels, latent_size, text_dim, grid=cfg.gan_grid)
+                self.disc = LatentDiscriminator(latent_channels, latent_size, text_dim, grid=cfg.gan_grid, group=group)
             elif cfg.gan_space == "pixel":
-                self.disc = PixelDiscriminator(image_channels, image_size, text_dim, grid=cfg.gan_grid)
+                self.disc = PixelDiscriminator(image_channels, image_size, text_dim, grid=cfg.gan_grid, group=group)
             else:
-                self.disc = FeatureDiscriminator(self.lpips.backbone, text_dim, grid=cfg.gan_grid)
+                self.disc = FeatureDiscriminator(self.lpips.backbone, text_dim, grid=cfg.gan_grid, group=group)
 
     def _decode(self, z: Tensor) -> Tensor:
         return self.autoencoder.decode_latents(z)
@@ -315,24 +325,37 @@ class E2EObjective(nn.Module):
             per_image, logs["gan_g"] = per_image + weight * g, g.detach().mean()
         return per_image, logs
 
-    def discriminator_loss(self, z0_hat: Tensor, z0: Tensor, images: Tensor, cond: TextCond, m: int
-                           ) -> tuple[Tensor, dict[str, Tensor]]:
+    def discriminator_loss(self, z0_hat: Tensor, z0: Tensor, images: Tensor, cond: TextCond, m: int,
+                           real_groups: Tensor | None = None) -> tuple[Tensor, dict[str, Tensor]]:
+        """real_groups: with ``loss.gan_group_std``, m real images per caption [B·m, ...] (caption i's group at rows
+        i·m … i·m + m − 1), the real side of the minibatch-std discriminator."""
         from e2ediff.losses.gan import d_hinge, d_nonsaturating, r1_penalty
 
         cfg = self.cfg
+        pooled = cond.pooled
+        grouped = getattr(self.disc, "group", 1) > 1
+        if grouped:
+            if real_groups is None or len(real_groups) != len(images) * m:
+                raise ValueError(f"loss.gan_group_std: the discriminator needs {m} real images per caption "
+                                 f"({len(images) * m}); got {None if real_groups is None else len(real_groups)}")
+            images, pooled = real_groups, pooled.repeat_interleave(m, 0)
         if cfg.gan_space == "latent":
-            fake, real = z0_hat.detach(), z0
+            fake = z0_hat.detach()
+            if grouped:
+                with torch.no_grad():
+                    real = self.autoencoder.encode_latents(images)
+            else:
+                real = z0
         else:
             with torch.no_grad():
                 fake = self._decode(z0_hat.detach())
             real = images
-        pooled = cond.pooled
-        fake_logits = self.disc(fake, pooled.repeat_interleave(m, 0))
+        fake_logits = self.disc(fake, cond.pooled.repeat_interleave(m, 0))
         real_logits = self.disc(real, pooled)
         d_fn = d_hinge if cfg.gan_loss == "hinge" else d_nonsaturating
         # B reals vs B·m fakes: each real logit is repeated m times so that the per-pair loss averages to
-        # mean over reals + mean over fakes.
-        loss = d_fn(real_logits.repeat_interleave(m, 0), fake_logits)
+        # mean over reals + mean over fakes (grouped: B·m reals, one per fake).
+        loss = d_fn(real_logits if grouped else real_logits.repeat_interleave(m, 0), fake_logits)
         logs = {"d_loss": loss.detach().mean(), "d_real": real_logits.detach().mean(),
                 "d_fake": fake_logits.detach().mean()}
         if cfg.r1 > 0:
@@ -380,16 +403,18 @@ class FinetuneTask(Task):
         if cfg.w_range is not None and not net.config.guidance_embed:
             raise ValueError(f"w_range={list(cfg.w_range)}: {cfg.init} has no guidance-scale embedding to feed")
         self.bank_items = None
-        if cfg.loss.real_bank > 0:          # train items of each class, for the per-class real bank
-            labels = self.data.labels
+        if cfg.loss.real_bank > 0 or cfg.loss.gan_group_std:   # train items of each class: the per-class real
+            labels = self.data.labels                            # bank, the discriminator's real groups
             if bool((labels < 0).any()):
-                raise ValueError("loss.real_bank needs class labels (the Fashion-MNIST dataset); this dataset has "
+                what = "loss.real_bank" if cfg.loss.real_bank > 0 else "loss.gan_group_std"
+                raise ValueError(f"{what} needs class labels (the Fashion-MNIST dataset); this dataset has "
                                  "images without a class")
             self.bank_items, self.bank_counts = class_index_table(labels)
         ae = self.init.autoencoder
         self.objective = E2EObjective(cfg.loss, ae, text_dim=net.config.text_dim,
                                       latent_channels=net.config.in_channels, latent_size=net.config.input_size,
-                                      image_channels=ae.config.in_channels, image_size=ae.config.image_size).to(device)
+                                      image_channels=ae.config.in_channels, image_size=ae.config.image_size,
+                                      group=cfg.samples_per_caption).to(device)
         self.parts = [Part("net", net, cfg.optim, cfg.train.ema_decay)]
         if self.objective.disc is not None:
             self.parts.append(Part("disc", self.objective.disc, cfg.disc_optim, 0.0, compile=False))
@@ -414,7 +439,7 @@ class FinetuneTask(Task):
             u = torch.rand(len(images) * m, generator=generator, device=generator.device)
             w = (lo + (hi - lo) * u).to(images.device)
         bank = None
-        if self.bank_items is not None:                               # real_bank images of every class
+        if cfg.loss.real_bank > 0:                                    # real_bank images of every class
             n, classes = cfg.loss.real_bank, len(self.bank_counts)
             u = torch.rand(classes, n, generator=generator, device=generator.device).to(self.bank_counts.device)
             col = (u * self.bank_counts[:, None]).long()
@@ -450,8 +475,15 @@ class FinetuneTask(Task):
             losses["net"] = per_image.mean()
         logs["sampler_steps"] = torch.tensor(float(k))
         if self.objective.disc is not None:
+            real_groups = None
+            if cfg.loss.gan_group_std:   # each caption's image and m − 1 more real images of its class
+                u = torch.rand(len(images), m - 1, generator=generator, device=generator.device)
+                u = u.to(self.bank_counts.device)
+                cls = labels.to(self.bank_counts.device)
+                idx = self.bank_items[cls].gather(1, (u * self.bank_counts[cls, None]).long())   # [B, m − 1]
+                real_groups = torch.cat([images[:, None], self.data.images[idx]], 1).flatten(0, 1)
             losses["disc"], d_logs = self.objective.discriminator_loss(z0_hat, z0, images, cond,
-                                                                       cfg.samples_per_caption)
+                                                                       cfg.samples_per_caption, real_groups)
             logs.update(d_logs)
         with torch.no_grad():   # within-batch spread of the outputs: falls toward 0 when samples collapse
             logs["output_std"] = z0_hat.float().std(0).mean()

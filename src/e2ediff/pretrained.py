@@ -142,6 +142,9 @@ class PretrainedFinetuneTask(Task):
             self.latents = latent_cache(ae.encode_latents, self.data, vae_key + str(self.pp.source), cache_dir,
                                         device)
         c, h, _ = self.pp.latent_shape(pc.resolution)
+        if cfg.loss.gan_group_std:
+            raise ValueError("loss.gan_group_std needs class labels to draw real groups (the Fashion-MNIST "
+                             f"miniature); the image folder {pc.train_data_dir} has captions only")
         self.objective = E2EObjective(cfg.loss, ae, text_dim=self.captions.dim, latent_channels=c,
                                       latent_size=h, image_channels=3, image_size=pc.resolution).to(device)
         unroll = E2EUnroll(self.pp.net, ae, self.pp.schedule, self.pp.prediction, self.timesteps,

@@ -30,6 +30,19 @@ def cell_sums(h: Tensor, grid: int) -> Tensor:
     return h.reshape(b, f, grid, hh // grid, grid, ww // grid).sum((3, 5))
 
 
+def group_spread(h: Tensor, group: int) -> Tensor:
+    """Minibatch standard deviation (ProGAN / StyleGAN) per group of ``group`` consecutive rows: the standard
+    deviation over a group's members of each feature at each position, averaged over positions, repeated for every
+    member. h [B, F, H, W] -> [B, F]. It lets a discriminator see a group's spread, which no per-sample logit can:
+    the m samples of one caption against m real images of its class."""
+    b, f = h.shape[:2]
+    if group < 2 or b % group:
+        raise ValueError(f"a batch of {b} is not a whole number of groups of {group} (loss.gan_group_std groups each "
+                         f"caption's samples_per_caption samples)")
+    var = h.reshape(b // group, group, f, -1).to(torch.promote_types(h.dtype, torch.float32)).var(1, unbiased=False)
+    return (var + 1e-8).sqrt().mean(2).to(h.dtype).repeat_interleave(group, 0)
+
+
 def projection_logits(phi: Tensor, psi: nn.Module, embed: nn.Module, pooled: Tensor) -> Tensor:
     """ψ(Σ_cells φ) + Σ_cells <embed(c)_cell, φ_cell> for cell features phi [B, F, g, g] -> [B]."""
     b, f, g, _ = phi.shape
@@ -38,19 +51,20 @@ def projection_logits(phi: Tensor, psi: nn.Module, embed: nn.Module, pooled: Ten
 
 
 class ProjectionDiscriminator(nn.Module):
-    """Conv trunk that halves the resolution down to 4x4, global sum pool, projection head.
+    """Conv trunk that halves the resolution down to 4x4, global sum pool, projection head; with ``group = m > 1``
+    a minibatch-std term ψ_g(spread of the trunk's map over each group of m consecutive rows) is added to each logit.
 
     x: [B, in_channels, size, size], pooled: [B, text_dim] -> logits [B].
     """
 
     def __init__(self, in_channels: int, size: int, text_dim: int, hidden: int, spectral_norm: bool = False,
-                 grid: int = 1):
+                 grid: int = 1, group: int = 1):
         super().__init__()
         if size < 4 or size & (size - 1):
             raise ValueError(f"size = {size}; expected a power of two >= 4")
         if grid not in (1, 2, 4):
             raise ValueError(f"loss.gan_grid = {grid}; the latent / pixel discriminator's 4 x 4 map takes 1, 2 or 4")
-        self.in_channels, self.size, self.text_dim, self.grid = in_channels, size, text_dim, grid
+        self.in_channels, self.size, self.text_dim, self.grid, self.group = in_channels, size, text_dim, grid, group
         layers: list[nn.Module] = [_maybe_sn(nn.Conv2d(in_channels, hidden, 3, padding=1), spectral_norm),
                                    nn.LeakyReLU(0.2)]
         width = hidden
@@ -63,30 +77,35 @@ class ProjectionDiscriminator(nn.Module):
         self.features = width
         self.psi = _maybe_sn(nn.Linear(width, 1), spectral_norm)
         self.embed = _maybe_sn(nn.Linear(text_dim, width * grid * grid, bias=False), spectral_norm)
+        if group > 1:
+            self.psi_group = _maybe_sn(nn.Linear(width, 1), spectral_norm)
 
     def forward(self, x: Tensor, pooled: Tensor) -> Tensor:
         if x.shape[1:] != (self.in_channels, self.size, self.size):
             raise ValueError(f"x has shape {tuple(x.shape)}; expected [B, {self.in_channels}, {self.size}, {self.size}]")
         if pooled.shape != (x.shape[0], self.text_dim):
             raise ValueError(f"pooled has shape {tuple(pooled.shape)}; expected {(x.shape[0], self.text_dim)}")
-        phi = cell_sums(self.trunk(x), self.grid)                   # φ(x) per cell: [B, F, g, g]
-        return projection_logits(phi, self.psi, self.embed, pooled)  # ψ(Σφ) + Σ_cells <embed(c), φ>
+        h = self.trunk(x)
+        logits = projection_logits(cell_sums(h, self.grid), self.psi, self.embed, pooled)  # ψ(Σφ) + Σ <embed(c), φ>
+        if self.group > 1:
+            logits = logits + self.psi_group(group_spread(h, self.group)).squeeze(1)
+        return logits
 
 
 class LatentDiscriminator(ProjectionDiscriminator):
     """Discriminator on latents [B, latent_channels, size, size] (default [B, 4, 8, 8])."""
 
     def __init__(self, latent_channels: int = 4, size: int = 8, text_dim: int = 384, hidden: int = 64,
-                 spectral_norm: bool = False, grid: int = 1):
-        super().__init__(latent_channels, size, text_dim, hidden, spectral_norm, grid)
+                 spectral_norm: bool = False, grid: int = 1, group: int = 1):
+        super().__init__(latent_channels, size, text_dim, hidden, spectral_norm, grid, group)
 
 
 class PixelDiscriminator(ProjectionDiscriminator):
     """Discriminator on images in [-1, 1], [B, channels, size, size] (default Fashion-MNIST [B, 1, 32, 32])."""
 
     def __init__(self, channels: int = 1, size: int = 32, text_dim: int = 384, hidden: int = 32,
-                 spectral_norm: bool = False, grid: int = 1):
-        super().__init__(channels, size, text_dim, hidden, spectral_norm, grid)
+                 spectral_norm: bool = False, grid: int = 1, group: int = 1):
+        super().__init__(channels, size, text_dim, hidden, spectral_norm, grid, group)
 
 
 class FeatureDiscriminator(nn.Module):
@@ -96,17 +115,18 @@ class FeatureDiscriminator(nn.Module):
     feature maps, e.g. the LPIPS network): 1x1 conv -> LeakyReLU -> 3x3 conv -> LeakyReLU -> global sum pool ->
     projection logit ψ(φ) + <embed(c), φ> (per cell of a grid × grid partition when grid > 1, see the module
     docstring). The logits of all heads are summed. The backbone gets no gradient of its
-    own (it is frozen), but gradients reach the input images, so the generator and R1 see through it.
+    own (it is frozen), but gradients reach the input images, so the generator and R1 see through it. With
+    ``group = m > 1`` each head adds a minibatch-std term ψ_g(`group_spread` of its map over each group of m rows).
 
     x: [B, C, H, W] images in [-1, 1], pooled: [B, text_dim] -> logits [B].
     """
 
     def __init__(self, backbone: nn.Module, text_dim: int, hidden: int = 64, spectral_norm: bool = False,
-                 grid: int = 1):
+                 grid: int = 1, group: int = 1):
         super().__init__()
         if grid < 1:
             raise ValueError(f"loss.gan_grid = {grid}; expected >= 1")
-        self.grid = grid
+        self.grid, self.group = grid, group
         channels = list(getattr(backbone, "channels", []))
         if not channels:
             raise ValueError(f"backbone {type(backbone).__name__} has no non-empty .channels list")
@@ -119,6 +139,8 @@ class FeatureDiscriminator(nn.Module):
         self.psi = nn.ModuleList(_maybe_sn(nn.Linear(hidden, 1), spectral_norm) for _ in channels)
         self.embed = nn.ModuleList(_maybe_sn(nn.Linear(text_dim, hidden * grid * grid, bias=False), spectral_norm)
                                    for _ in channels)
+        if group > 1:
+            self.psi_group = nn.ModuleList(_maybe_sn(nn.Linear(hidden, 1), spectral_norm) for _ in channels)
 
     def train(self, mode: bool = True) -> "FeatureDiscriminator":
         super().train(mode)
@@ -131,9 +153,11 @@ class FeatureDiscriminator(nn.Module):
         if x.shape[1] == 1 and getattr(self.backbone, "in_channels", 1) == 3:
             x = x.expand(-1, 3, -1, -1)
         logits = x.new_zeros(x.shape[0])
-        for f, head, psi, embed in zip(self.backbone(x), self.heads, self.psi, self.embed):
-            phi = cell_sums(head(f), self.grid)                                # φ_l(x) per cell: [B, hidden, g, g]
-            logits = logits + projection_logits(phi, psi, embed, pooled)
+        for i, (f, head, psi, embed) in enumerate(zip(self.backbone(x), self.heads, self.psi, self.embed)):
+            h = head(f)
+            logits = logits + projection_logits(cell_sums(h, self.grid), psi, embed, pooled)   # φ_l(x) per cell
+            if self.group > 1:
+                logits = logits + self.psi_group[i](group_spread(h, self.group)).squeeze(1)
         return logits
 
 
