@@ -97,7 +97,7 @@ final_student() { [ -z "${FINAL:-}" ] || [ ! -f "$LCM" ] ||
 fp16_best() {  # float16 copies of the best export of each family (by val) to $OUT
   [ -n "${FINAL:-}" ] && [ -n "${OUT:-}" ] || return 0
   python3 scripts/results_probe.py "$R" --best-per-family |
-    while read -r best; do $E convert "$(export_path "$best")" "$OUT/q_${best%@*}.safetensors"; done
+    while read -r best; do [ -z "$best" ] || $E convert "$(export_path "$best")" "$OUT/q_${best%@*}.safetensors"; done
 }
 
 if [[ "${STAGE:-all}" == bench || "${STAGE:-all}" == all ]]; then

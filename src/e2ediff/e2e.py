@@ -160,7 +160,8 @@ PRESETS = {
     # 2026-12-06, 3 seeds, validation and test): `adversarial` plus 500 steps of discriminator warm-up, an anchor to
     # the starting model's own sample from the same noises (λ 10), lr 1e-5 and a slow EMA (0.999). Test FD after
     # ~3,000 steps, mean of 3 seeds: 0.92x / 0.85x / 0.71x the student's at K = 1 / 2 / 4, alignment equal or higher
-    # at K = 2 and 4; still improving at 3,000 steps (round 5's exports every 450 steps).
+    # at K = 2 and 4. A second stage from that file (`init=` it, so the anchor moves to it; round 7, 3 seeds,
+    # 2,700-3,560 more steps): 0.88x / 0.82x / 0.64x, alignment equal at K = 4 — the shipped base/e2e.
     "anchored": FinetuneRun(sampler_steps=4, sampler_steps_mix=(1, 2, 4), w_range=(1.0, 2.0), disc_warmup=500,
                             loss=E2ELoss(energy=0.0, gan=1.0, gan_space="features", r1=1.0, anchor=10.0,
                                          lpips_weights=SHIPPED_LPIPS),
@@ -176,6 +177,7 @@ PRESETS = {
 # `anchored` with K fixed at 2 (the paper trains one model per K): every update goes to the two-step sampler.
 # Round 6 (docs/results.md, 2026-12-06, 3 seeds, ~4,370 steps): test FD 0.75x the student's at K = 2 (the K-mix
 # `anchored` model: 0.84x), alignment 0.916 vs 0.918, diversity 0.85; K = 1 and 4 are left to the other models.
+# A second stage from that file (round 7, 3 seeds, ~4,120 more steps): 0.70x, alignment 0.911 — base/e2e_2step.
 PRESETS["anchored-2step"] = replace(PRESETS["anchored"], sampler_steps=2, sampler_steps_mix=None,
                                     train=replace(PRESETS["anchored"].train, steps=4500))
 
