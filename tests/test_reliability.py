@@ -428,7 +428,9 @@ def test_ctrl_c_during_start_up(tmp_path):
     time.sleep(0.4)                                                  # inside `import torch`
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=60)
-    assert proc.returncode == 130, err.decode()
+    # 130, or death by SIGINT after the line was printed (seen once in CI on a loaded 2-core machine, 2026-12-06):
+    # a shell reports both as status 130
+    assert proc.returncode in (130, -signal.SIGINT), err.decode()
     assert err.decode().strip() == "error: interrupted"
 
 
