@@ -600,3 +600,32 @@ def test_group_std_finetune_draws_real_groups_of_the_captions_class(tmp_path):
 def test_group_std_options_are_validated(override, message):
     with pytest.raises(ConfigError, match=message.replace(".", r"\.")):
         validate(FinetuneRun(init="x.safetensors", **override))
+
+
+def test_anchor_refresh_moves_the_anchor_to_the_networks_ema_every_n_network_steps(tmp_path):
+    """loss.anchor_refresh=3 with one warm-up step: the anchor's model is the starting model through network step 2
+    and the network's EMA after network step 3 — the EMA the exported file holds when that is the last step."""
+    from e2ediff.checkpoint import load_model_file
+
+    def run(steps):
+        cfg = gan_run(tmp_path, steps, loss=dict(anchor=1.0, anchor_refresh=3), disc_warmup=1)
+        cfg.train.ema_decay = 0.5
+        validate(cfg)
+        init = student_pipeline()
+        start = {k: v.clone() for k, v in init.net.state_dict().items()}
+        task = FinetuneTask(cfg, torch.device("cpu"), data=StandInData(), init=init)
+        train(task, cfg.train, tmp_path / f"run{steps}", cfg, "finetune")
+        exported = load_model_file(tmp_path / f"run{steps}" / "model.safetensors")[0]
+        return start, init.net.state_dict(), {k[len("net/"):]: v for k, v in exported.items() if k.startswith("net/")}
+
+    start, anchor, ema = run(3)                                  # 2 network steps: not refreshed yet
+    assert all(torch.equal(anchor[k], start[k]) for k in start)
+    start, anchor, ema = run(4)                                  # 3 network steps: refreshed to the EMA
+    assert any(not torch.equal(anchor[k], start[k]) for k in start)
+    for k in start:
+        torch.testing.assert_close(anchor[k], ema[k].to(anchor[k].dtype), rtol=0, atol=0)
+    with pytest.raises(ConfigError, match=r"loss\.anchor_refresh"):
+        validate(FinetuneRun(init="x", loss=E2ELoss(gan=1.0, energy=0.0, anchor_refresh=10)))      # no anchor
+    with pytest.raises(ConfigError, match=r"loss\.anchor_refresh"):
+        validate(FinetuneRun(init="x", loss=E2ELoss(gan=1.0, energy=0.0, anchor=1.0, anchor_decay=5,
+                                                    anchor_refresh=10)))

@@ -363,3 +363,19 @@ def test_fsdp_lora_on_two_gloo_processes_equals_one_process(folders, tmp_path):
     finetune(folders, "sd", mixed, *extra, "train.steps=1")
     fsdp_finetune(folders, "sd", mixed, *extra)
     assert_same_run(checkpoint_tensors(mixed, 2), a)
+
+
+@pytest.mark.parametrize("override, field", [
+    ("loss.anchor=10", "loss.anchor"), ("loss.real_bank=4", "loss.real_bank"),
+    ("disc_warmup=5", "disc_warmup"), ("sampler_steps_mix=[1,2]", "sampler_steps_mix"),
+    ("w_range=[1.0,2.0]", "w_range"), ("loss.gan_group_std=true", "loss.gan_group_std"),
+])
+def test_miniature_only_switches_are_refused_with_pretrained_not_ignored(override, field):
+    from e2ediff.config import ConfigError, resolve
+    from e2ediff.pretrained import PRESETS
+
+    extra = ["loss.gan=0.1"] if field in ("disc_warmup", "loss.gan_group_std") else []
+    extra += ["loss.energy=1.0", "samples_per_caption=2"] if field in ("loss.real_bank", "loss.gan_group_std") else []
+    with pytest.raises(ConfigError, match=field.replace(".", r"\.") + r".*--pretrained"):
+        resolve(PRESETS["tiny"], overrides=["init=x", "pretrained.train_data_dir=d", *extra, override])
+    resolve(PRESETS["tiny"], overrides=["init=x", "pretrained.train_data_dir=d", *extra])   # fine without it

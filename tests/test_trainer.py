@@ -66,11 +66,13 @@ def assert_same_checkpoint(a: Path, b: Path) -> None:
 
 
 CASES = [("train-autoencoder", ()), ("pretrain", ()), ("distill", ()), ("finetune", ()),
-         ("finetune", ("loss.gan=0.1",)), ("finetune", ("loss.gan=0.1", "loss.gan_group_std=true"))]
+         ("finetune", ("loss.gan=0.1",)), ("finetune", ("loss.gan=0.1", "loss.gan_group_std=true")),
+         ("finetune", ("loss.anchor=1.0", "loss.anchor_refresh=2"))]
 
 
 @pytest.mark.parametrize("command,extra", CASES, ids=["autoencoder", "pretrain", "distill", "finetune",
-                                                      "finetune-gan", "finetune-gan-group-std"])
+                                                      "finetune-gan", "finetune-gan-group-std",
+                                                      "finetune-anchor-refresh"])
 def test_resume_is_bit_identical_to_a_straight_run(command, extra, fake_env, pipeline_files, tmp_path,
                                                    restore_determinism):
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
@@ -83,8 +85,10 @@ def test_resume_is_bit_identical_to_a_straight_run(command, extra, fake_env, pip
     tensors, _ = load_checkpoint(final_a)
     parts = {k.split("/")[0] for k in tensors}
     assert {"optim", "rng", "ema"} <= parts
-    if extra:  # the discriminator and its optimizer are checkpointed too
+    if "loss.gan=0.1" in extra:  # the discriminator and its optimizer are checkpointed too
         assert any(k.startswith("disc/") for k in tensors) and any(k.startswith("optim/disc/") for k in tensors)
+    if "loss.anchor_refresh=2" in extra:  # the anchor's refreshed model too
+        assert any(k.startswith("extra/anchor/") for k in tensors)
     if command == "distill":  # the LCM target network
         assert any(k.startswith("extra/target/") for k in tensors)
     assert_same_checkpoint(final_a, final_b)

@@ -12,6 +12,8 @@
 #                                                      #   K = 2 models (base/e2e_2step); 3 seeds each
 #   STAGE=group bash scripts/gpu/quality_probe.sh      # round 7: the shipped models trained on (re-anchored), and
 #                                                      #   the minibatch-std discriminator (loss.gan_group_std)
+#   STAGE=refresh bash scripts/gpu/quality_probe.sh    # the anchor refreshed to the EMA every REFRESH steps (not run
+#                                                      #   on a GPU yet: built and tested in the sixth session)
 #   STAGE=confirm SPLIT=test EVAL_N=10000 STEPS=800 ... # `adversarial` x 3 seeds, with and without K = 1
 #
 # Inputs (ignored by git, carried to the GPU machine): .gpu/fashion-mnist (the IDX .gz files), .gpu/cache (the MiniLM
@@ -259,6 +261,20 @@ if [[ "${STAGE:-all}" == group ]]; then   # round 7: the shipped models trained 
   (PRESET=anchored-2step INIT=checkpoints/base/e2e_2step.safetensors row k2g_s0 $A $G train.seed=0; final k2g_s0
    save) &
   (PRESET=anchored INIT=checkpoints/base/e2e.safetensors row mixg_s0 $A $G train.seed=0; final mixg_s0; save) &
+  wait
+  fp16_best
+fi
+if [[ "${STAGE:-all}" == refresh ]]; then   # round 7's second stage, in place: from the student, the anchor's model
+  # becomes the network's EMA every REFRESH network steps (loss.anchor_refresh) and the discriminator is kept.
+  # ref_s* (K-mix) and k2ref_s* (K = 2) against round 7's two-stage files; refg_s0 adds the minibatch-std term.
+  #   FAST="train.compile=reduce-overhead checkpointing=false" STAGE=refresh ROW_SECONDS=400 ROW_KS= FINAL=1 ...
+  A="$KEEP loss.anchor_refresh=${REFRESH:-1500}"
+  (student; final_student) &
+  for seed in 0 1 2; do
+    (PRESET=anchored row ref_s$seed $A train.seed=$seed; final ref_s$seed; save) &
+    (PRESET=anchored-2step row k2ref_s$seed $A train.seed=$seed; final k2ref_s$seed; save) &
+  done
+  (PRESET=anchored row refg_s0 $A loss.gan_group_std=true train.seed=0; final refg_s0; save) &
   wait
   fp16_best
 fi

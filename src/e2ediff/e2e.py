@@ -52,14 +52,20 @@ class E2ELoss:
                                          # from the same noises and w (ADD's distillation term, the init as teacher)
     anchor_decay: int = 0                # > 0: λ_anchor falls linearly to 0 over this many network steps after the
                                          # discriminator warm-up (the anchor steers early, the GAN term decides late)
+    anchor_refresh: int = 0              # > 0: every this many network steps after the warm-up, the anchor's model
+                                         # becomes the network's EMA (a moving trust region: round 7's second stage
+                                         # from the first's file, in place, with the discriminator kept)
     coupling: Literal["independent", "minibatch_ot"] = "independent"  # pairing of outputs with targets (L1/L2/LPIPS)
 
     def validate(self) -> None:
-        for name in ("l1", "l2", "lpips", "energy", "energy_lambda", "gan", "r1", "anchor", "anchor_decay"):
+        for name in ("l1", "l2", "lpips", "energy", "energy_lambda", "gan", "r1", "anchor", "anchor_decay",
+                     "anchor_refresh"):
             _check(getattr(self, name) >= 0, f"loss.{name}", getattr(self, name), ">= 0")
         _check(self.gan_grid >= 1, "loss.gan_grid", self.gan_grid, ">= 1")
         _check(self.anchor_decay == 0 or self.anchor > 0, "loss.anchor_decay", self.anchor_decay,
                "0 unless loss.anchor > 0 (there is no anchor to decay)")
+        _check(self.anchor_refresh == 0 or (self.anchor > 0 and self.anchor_decay == 0), "loss.anchor_refresh",
+               self.anchor_refresh, "0 unless loss.anchor > 0 and loss.anchor_decay = 0 (one schedule for the anchor)")
         _check(not self.gan_group_std or self.gan > 0, "loss.gan_group_std", self.gan_group_std,
                "false unless loss.gan > 0 (there is no discriminator to show the spread to)")
         _check(self.l1 + self.l2 + self.lpips + self.energy + self.gan > 0, "loss", "all weights 0",
@@ -490,6 +496,31 @@ class FinetuneTask(Task):
         with torch.no_grad():   # within-batch spread of the outputs: falls toward 0 when samples collapse
             logs["output_std"] = z0_hat.float().std(0).mean()
         return losses, logs
+
+    @torch.no_grad()
+    def after_step(self, step):
+        n = self.cfg.loss.anchor_refresh
+        done = step + 1 - self.cfg.disc_warmup                         # network steps so far
+        if n > 0 and done > 0 and done % n == 0:   # the anchor's model becomes the network's EMA (its weights without)
+            from e2ediff.checkpoint import load_state_strict
+
+            weights = self.ema_weights("net")
+            if weights is None:
+                weights = self.parts[0].module.state_dict()
+            load_state_strict(self.init.net, weights, "the network's EMA (loss.anchor_refresh)")
+
+    def extra_tensors(self):
+        from e2ediff.checkpoint import with_prefix
+
+        if self.cfg.loss.anchor_refresh <= 0:
+            return {}
+        return with_prefix(self.init.net.state_dict(), "anchor")    # the anchor's model has moved: keep it
+
+    def load_extra_tensors(self, tensors):
+        from e2ediff.checkpoint import load_state_strict, split_prefix
+
+        if self.cfg.loss.anchor_refresh > 0:
+            load_state_strict(self.init.net, split_prefix(tensors, "anchor"), "checkpoint (the anchor's model)")
 
     def export(self, weights):
         from e2ediff.assets import export_pipeline

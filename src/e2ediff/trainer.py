@@ -104,6 +104,12 @@ class Task:
         (tensors, metadata), or None for nothing."""
         return None
 
+    def ema_weights(self, name: str) -> dict[str, torch.Tensor] | None:
+        """Part ``name``'s EMA weights (its state-dict names) as the loop keeps them, or None without an EMA: for a
+        task whose ``after_step`` copies them (e.g. the E2E anchor's refresh). Whole weights unless FSDP shards."""
+        ema = getattr(self, "_emas", {}).get(name)
+        return None if ema is None else ema.shadow
+
     def module(self, name: str) -> nn.Module:
         """The module of part ``name`` as the loop prepared it (DDP-wrapped on several GPUs): call this in ``losses``."""
         prepared = getattr(self, "_prepared", None)
@@ -300,6 +306,7 @@ def train(task: Task, cfg: TrainConfig, run_dir: Path, run_config: Any, command:
         if part.ema_decay > 0:
             emas[part.name] = EMA(part.module, part.ema_decay, trainable_only=part.trainable_only)
 
+    task._emas = emas
     # Resume from the newest good checkpoint of this run folder.
     start = skipped = nonfinite = 0
     changes: dict = {}
