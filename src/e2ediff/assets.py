@@ -32,6 +32,14 @@ def class_index_table(labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]
     return table, torch.tensor([len(p) for p in per_class], device=labels.device)
 
 
+def draw_from_classes(table: torch.Tensor, counts: torch.Tensor, classes: torch.Tensor, n: int,
+                      generator: torch.Generator) -> torch.Tensor:
+    """n items of each class in ``classes`` [C'] drawn uniformly from a ``class_index_table`` -> indices [C', n]."""
+    u = torch.rand(len(classes), n, generator=generator, device=generator.device).to(counts.device)
+    classes = classes.to(counts.device)
+    return table[classes].gather(1, (u * counts[classes, None]).long())
+
+
 class TrainingData:
     """Images (kept as uint8 / model-format tensors on the device) + captions + their cached MiniLM features.
 

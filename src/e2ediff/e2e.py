@@ -429,6 +429,8 @@ class FinetuneTask(Task):
         self.stream = BatchStream(len(self.data), cfg.train.batch_size, cfg.train.seed)
 
     def losses(self, step, generator):
+        from e2ediff.assets import draw_from_classes
+
         cfg = self.cfg
         images, cond, labels, caps = self.data.batch(self.stream.indices(step), generator)
         groups = torch.where(labels >= 0, labels, caps)               # a caption's class when known, else the caption
@@ -448,12 +450,9 @@ class FinetuneTask(Task):
             w = (lo + (hi - lo) * u).to(images.device)
         bank = None
         if cfg.loss.real_bank > 0:                                    # real_bank images of every class
-            n, classes = cfg.loss.real_bank, len(self.bank_counts)
-            u = torch.rand(classes, n, generator=generator, device=generator.device).to(self.bank_counts.device)
-            col = (u * self.bank_counts[:, None]).long()
-            idx = self.bank_items.gather(1, col)                      # [classes, n]
-            bank = (self.data.images[idx.flatten()],
-                    torch.arange(classes, device=idx.device).repeat_interleave(n))
+            n, classes = cfg.loss.real_bank, torch.arange(len(self.bank_counts))
+            idx = draw_from_classes(self.bank_items, self.bank_counts, classes, n, generator)   # [classes, n]
+            bank = (self.data.images[idx.flatten()], classes.to(idx.device).repeat_interleave(n))
         student = Denoiser(self.module("net"), self.schedule, self.prediction)
         z0 = z_T = noises = None
         if cfg.loss.anchor > 0:     # the anchor's sample must see the same noises: drawn here, as e2e_step would
@@ -485,10 +484,7 @@ class FinetuneTask(Task):
         if self.objective.disc is not None:
             real_groups = None
             if cfg.loss.gan_group_std:   # each caption's image and m − 1 more real images of its class
-                u = torch.rand(len(images), m - 1, generator=generator, device=generator.device)
-                u = u.to(self.bank_counts.device)
-                cls = labels.to(self.bank_counts.device)
-                idx = self.bank_items[cls].gather(1, (u * self.bank_counts[cls, None]).long())   # [B, m − 1]
+                idx = draw_from_classes(self.bank_items, self.bank_counts, labels, m - 1, generator)   # [B, m − 1]
                 real_groups = torch.cat([images[:, None], self.data.images[idx]], 1).flatten(0, 1)
             losses["disc"], d_logs = self.objective.discriminator_loss(z0_hat, z0, images, cond,
                                                                        cfg.samples_per_caption, real_groups)
