@@ -6,6 +6,7 @@ and each FD as a ratio to the student's at the same K (the issue-#9 bar: ≤ 0.7
     python scripts/results_probe.py DIR --split test                 # the rows scored on test (default: val)
     python scripts/results_probe.py DIR --best ROW [ROW ...]         # each row's best export on val (NAME@STEP)
     python scripts/results_probe.py DIR --best-per-family            # the best export of each family of rows
+    python scripts/results_probe.py DIR --best ROW --bar             # ... ranked by the issue's bar first (round 8)
 
 A row NAME@STEP is the export of row NAME at that training step; they follow their row's name in step order.
 """
@@ -40,23 +41,38 @@ def val_score(rows: dict[str, dict[int, dict]], name: str) -> float:
     return sum(rows[name][k]["fd"] / rows["student"][k]["fd"] for k in ks)
 
 
-def best_exports(folder: Path, names: list[str] | None = None, per_family: bool = False) -> list[str]:
+def bar_misses(rows: dict[str, dict[int, dict]], name: str) -> int:
+    """How many of the issue-#9 bar's conditions the export misses on val, at each K its score uses: FD ≤ 0.7× the
+    student's, alignment ≥ the student's, diversity in [0.9, 1.1]; KeyError if a needed row is missing."""
+    ks = (2,) if name.startswith("k2") else (2, 4)
+    misses = 0
+    for k in ks:
+        r, s = rows[name][k], rows["student"][k]
+        misses += (r["fd"] > 0.7 * s["fd"]) + (r["alignment"] < s["alignment"])
+        misses += not 0.9 <= r["diversity_rel"] <= 1.1
+    return misses
+
+
+def best_exports(folder: Path, names: list[str] | None = None, per_family: bool = False,
+                 bar: bool = False) -> list[str]:
     """The export NAME@STEP of each row (``names``, default every row with scored exports) with the lowest val score;
-    ``per_family``: only the best of each family (the row name without its ``_sSEED``)."""
+    ``per_family``: only the best of each family (the row name without its ``_sSEED``); ``bar``: the fewest missed
+    bar conditions first (``bar_misses``), the val score among those."""
     rows = load(folder, "val")
-    best: dict[str, tuple[float, str]] = {}
+    best: dict[str, tuple[tuple[int, float], str]] = {}
     for export in rows:
         row = export.partition("@")[0]
         if "@" not in export or (names and row not in names):
             continue
         try:
-            score = val_score(rows, export)
+            score = (bar_misses(rows, export) if bar else 0, val_score(rows, export))
         except KeyError:
             continue
         key = row.rsplit("_s", 1)[0] if per_family else row
         if key not in best or score < best[key][0]:
             best[key] = (score, export)
-    return [export for _, export in best.values()]
+    ranked = sorted(best.values(), key=lambda item: (item[0][0], item[0][1] / (1 if item[1].startswith("k2") else 2)))
+    return [export for _, export in ranked]   # best first: fewest bar misses, then the mean FD ratio
 
 
 def main(folder: Path, plain: bool = False, split: str = "val") -> None:
@@ -86,6 +102,7 @@ if __name__ == "__main__":
     args = sys.argv[2:]
     if "--best" in args or "--best-per-family" in args:   # one NAME@STEP a line (quality_probe.sh's selection on val)
         flag = "--best" if "--best" in args else "--best-per-family"
-        print("\n".join(best_exports(Path(sys.argv[1]), args[args.index(flag) + 1:], flag == "--best-per-family")))
+        names = [a for a in args[args.index(flag) + 1:] if not a.startswith("--")]
+        print("\n".join(best_exports(Path(sys.argv[1]), names, flag == "--best-per-family", "--bar" in args)))
         sys.exit(0)
     main(Path(sys.argv[1]), plain="--plain" in args, split=args[args.index("--split") + 1] if "--split" in args else "val")

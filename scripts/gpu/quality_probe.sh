@@ -12,6 +12,7 @@
 #                                                      #   K = 2 models (base/e2e_2step); 3 seeds each
 #   STAGE=group bash scripts/gpu/quality_probe.sh      # round 7: the shipped models trained on (re-anchored), and
 #                                                      #   the minibatch-std discriminator (loss.gan_group_std)
+#   STAGE=spread bash scripts/gpu/quality_probe.sh     # round 8: a third stage + the energy distance (real bank)
 #   STAGE=refresh bash scripts/gpu/quality_probe.sh    # the anchor refreshed to the EMA every REFRESH steps (not run
 #                                                      #   on a GPU yet: built and tested in the sixth session)
 #   STAGE=confirm SPLIT=test EVAL_N=10000 STEPS=800 ... # `adversarial` x 3 seeds, with and without K = 1
@@ -88,7 +89,7 @@ final() {  # final NAME: val snapshots, the best export by val, that export on t
     { [ $((step % EVERY)) -eq 0 ] && [ "$step" -gt "${SNAP_MIN:-1000}" ]; } || [ "$f" = "$last" ] || continue
     for k in 2 4; do [ -f "$R/eval_$1@${step}_k${k}_val.json" ] || evaluate "$1@$step" "$f" $k; done
   done
-  best=$(python3 scripts/results_probe.py "$R" --best "$1")
+  best=$(python3 scripts/results_probe.py "$R" --best "$1" ${BAR:+--bar})
   [ -n "$best" ] || return 0
   echo "$1: best on val $best"; local path; path=$(export_path "$best")
   for k in 1 2 4; do [ -f "$R/eval_${best}_k${k}_test.json" ] || SPLIT=test N=${TEST_N:-10000} evaluate "$best" "$path" $k
@@ -98,7 +99,8 @@ final_student() { [ -z "${FINAL:-}" ] || [ ! -f "$LCM" ] ||
   for k in 1 2 4; do [ -f "$R/eval_student_k${k}_test.json" ] || SPLIT=test N=${TEST_N:-10000} evaluate student "$LCM" $k; done; }
 fp16_best() {  # float16 copies of the best export of each family (by val) to $OUT
   [ -n "${FINAL:-}" ] && [ -n "${OUT:-}" ] || return 0
-  python3 scripts/results_probe.py "$R" --best-per-family |
+  python3 scripts/results_probe.py "$R" --best-per-family ${BAR:+--bar} |   # best first; at most FP16_MAX (3) of
+    awk -v n="${FP16_MAX:-3}" '{ f = ($0 ~ /^k2/); if (c[f]++ < n) print }' |   # the k2 and of the other families
     while read -r best; do [ -z "$best" ] || $E convert "$(export_path "$best")" "$OUT/q_${best%@*}.safetensors"; done
 }
 
@@ -261,6 +263,26 @@ if [[ "${STAGE:-all}" == group ]]; then   # round 7: the shipped models trained 
   (PRESET=anchored-2step INIT=checkpoints/base/e2e_2step.safetensors row k2g_s0 $A $G train.seed=0; final k2g_s0
    save) &
   (PRESET=anchored INIT=checkpoints/base/e2e.safetensors row mixg_s0 $A $G train.seed=0; final mixg_s0; save) &
+  wait
+  fp16_best
+fi
+if [[ "${STAGE:-all}" == spread ]]; then   # round 8: a third stage from the shipped files (anchored to them, as in
+  # round 7) with the energy distance against a real bank in the feature space pulling diversity up (rounds 5-7:
+  # diversity 0.83-0.87 under the anchor, λ 10; an energy term of λ_ES <= 1 did not move it in round 5, so the
+  # default rows sweep λ_ES 3-100 for the scale at which it does). SPREAD_ROWS: FAMILY:λ_ES:SEED, FAMILY one of mix
+  # (`anchored` from base/e2e), k2 (`anchored-2step` from base/e2e_2step), mixg / k2g (the same + gan_group_std).
+  # Exports are chosen on val by the bar first (BAR=1: fewest missed conditions, then FD), then scored on test.
+  #   FAST="train.compile=reduce-overhead checkpointing=false" STAGE=spread ROW_SECONDS=400 ROW_KS= FINAL=1 ...
+  A=$KEEP; B="loss.space=features loss.real_bank=16"; BAR=${BAR-1}
+  (student; final_student) &
+  for spec in ${SPREAD_ROWS:-mix:3:0 mix:10:0 mix:30:0 mix:100:0 k2:3:0 k2:10:0 k2:30:0 k2:100:0}; do
+    IFS=: read -r fam es seed <<< "$spec"
+    name=${fam}e${es}_s$seed; x=""
+    [[ $fam == *g ]] && x="loss.gan_group_std=true"
+    if [[ $fam == k2* ]]; then preset=anchored-2step init=checkpoints/base/e2e_2step.safetensors
+    else preset=anchored init=checkpoints/base/e2e.safetensors; fi
+    (PRESET=$preset INIT=$init row "$name" $A $B loss.energy="$es" $x train.seed="$seed"; final "$name"; save) &
+  done
   wait
   fp16_best
 fi
