@@ -2,6 +2,7 @@
 
     PYTHONPATH=src python3 benchmarks/pixart_xl.py --out pixart_xl.json --budget-s 480 --compile --lora-rank 0
     PYTHONPATH=src python3 benchmarks/pixart_xl.py --out pixart_xl.json --budget-s 540                  # all eager
+    PYTHONPATH=src python3 benchmarks/pixart_xl.py --out sampling.json --budget-s 300 --compile --only-sampling
     PYTHONPATH=src python3 benchmarks/pixart_xl.py --tiny --device cpu --out /tmp/tiny.json [--compile]  # smoke run
 
 Model: diffusers `PixArtTransformer2DModel` at PixArt-XL-2 size (28 blocks × 1152, 16 heads × 72, patch 2, learned
@@ -26,8 +27,13 @@ next row runs; a row whose estimated cost (NEED_S) exceeds the time left is list
     ours_eager             the product path `adapters.pipeline.sample_pretrained` on the same bf16 transformer
     ours_fused             + fused q/k/v projections (speed.fuse_qkv)
     ours_{eager,fused}_cudnn   the same with cuDNN attention first (speed.attention_backend)
-    ours_compiled          the fastest of those four (with --attention: of those with that order) under regional
-                           torch.compile; rel_diff_*: its latents against the eager ones and the pipeline's
+    ours_fp8               the fastest of those four (with --attention: of those with that order) with FP8 matmuls in
+                           the transformer blocks (speed.float8_linear: e4m3, weights per channel, activations per
+                           token), eager; rel_diff_*: its latents against ours_eager's and the pipeline's
+    ours_compiled          the fastest of those four under regional torch.compile; rel_diff_*: its latents against
+                           the eager ones and the pipeline's
+    ours_compiled_fp8      ours_compiled's settings + float8_linear, its own regional compile; rel_diff_*: its
+                           latents against ours_compiled's (bf16) and the pipeline's
     summary                speed-ups over both pipeline rows; ours vs pipeline latents (same noise)
   attention_check      (only when the sampling rows chose a non-default attention order, which training then uses)
                        one eager forward + backward at batch 4 with that order vs torch's default: relative difference
@@ -49,6 +55,8 @@ next row runs; a row whose estimated cost (NEED_S) exceeds the time left is list
                        training recipe: AdamW updates at lr 1e-6 are below bf16's resolution of the weights
     sampling_autotune  ours_compiled again with mode max-autotune-no-cudagraphs (fresh compile)
     lora               LoRA (--lora-rank) E2E K = 4: peak memory and time (recompiles)
+--only-sampling: the flops row counts the forward only, then the sampling rows and the sampling extras
+(pipeline_compiled, sampling_autotune, if in --extras); no training, memory or training-extra row.
 """
 from __future__ import annotations
 
@@ -80,9 +88,12 @@ XL = dict(num_layers=28, attention_head_dim=72, num_attention_heads=16, caption_
 TINY = dict(num_layers=2, attention_head_dim=8, num_attention_heads=2, caption_channels=32, cross_attention_dim=16)
 PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}      # dense bf16 tensor-core peak
 EXTRAS = ("memory_budget", "pipeline_compiled", "bf16_weights", "sampling_autotune", "lora")
+SAMPLING_EXTRAS = ("pipeline_compiled", "sampling_autotune")
 # Seconds a row may need on an H100 (compiles included); a row starts only with this much of the budget left.
 NEED_S = {"flops": 20, "sampling_eager": 12, "sampling_compiled": 100, "e2e_compiled": 160, "e2e": 25, "standard": 10,
           "memory": 15, "recompile_e2e": 160, "pipeline_compiled": 90, "sampling_autotune": 200, "lora": 160}
+NEED_S["sampling_fp8"] = NEED_S["sampling_eager"]                      # + quantizing 611M weights: under a second
+NEED_S["sampling_compiled_fp8"] = NEED_S["sampling_compiled"]          # its own compile of the blocks
 
 
 class BudgetExceeded(BaseException):
@@ -302,21 +313,23 @@ class Bench:
         self.row("flops", self.count_all_flops, need="flops")
         self.section("sampling", self.sampling_rows)
         self.section("sampling_cleanup", self.sampling_cleanup)
-        self.section("training", self.training_rows)
+        if not a.only_sampling:
+            self.section("training", self.training_rows)
         extras = {"memory_budget": self.memory_budget_row, "pipeline_compiled": self.pipeline_compiled_row,
                   "bf16_weights": self.bf16_weights_row, "sampling_autotune": self.sampling_autotune_row,
                   "lora": self.lora_row}
         for name in a.extras:
-            if name == "lora" and a.lora_rank <= 0:
+            if (name == "lora" and a.lora_rank <= 0) or (a.only_sampling and name not in SAMPLING_EXTRAS):
                 continue
             self.section(name, extras[name])
         self.save()
 
     def count_all_flops(self):
         self.model.requires_grad_(True).train()
-        f = {"forward": self.count_flops(lambda b: self.standard_loss(0, b, autocast=True), backward=False),
-             "standard": self.count_flops(lambda b: self.standard_loss(0, b)),
-             "e2e_K4": self.count_flops(lambda b: self.e2e_loss(0, 4, checkpoint=False, batch=b))}
+        f = {"forward": self.count_flops(lambda b: self.standard_loss(0, b, autocast=True), backward=False)}
+        if not self.args.only_sampling:
+            f["standard"] = self.count_flops(lambda b: self.standard_loss(0, b))
+            f["e2e_K4"] = self.count_flops(lambda b: self.e2e_loss(0, 4, checkpoint=False, batch=b))
         self.flops = f
         self.cleanup()
         return {**f, "batch": self.args.batch, "counted_at_batch": 2}
@@ -405,16 +418,43 @@ class Bench:
         if a.attention != "auto":
             chosen = a.attention
         self.sampling["attention"] = chosen
+
+        def references():
+            """ours_eager's and the pipeline's latents of call 0, computed once (before anything is compiled)."""
+            if "z_eager" not in self.sampling:
+                with torch.no_grad():
+                    self.sampling.update(z_eager=self.ours_call(pp, cond, 0), z_pipe=self.pipeline_call(pipe, cond, 0))
+            return self.sampling["z_eager"], self.sampling["z_pipe"]
+
+        def fp8_product():
+            """A copy of the chosen variant's bf16 transformer with FP8 matmuls in its blocks."""
+            fp8 = copy.deepcopy(users)
+            if kind == "fused":
+                speed.fuse_qkv(fp8)
+            layers = speed.float8_linear(fp8)
+            return self.product_pipeline(pipe, fp8), {"fused_qkv": kind == "fused", "fp8_layers": len(layers)}
+
+        def eager_fp8():
+            z_eager, z_pipe = references()
+            product, r = fp8_product()
+            with torch.no_grad(), speed.attention_backend(chosen):
+                r.update(self.timed(lambda i: self.ours_call(product, cond, i)))
+                z_fp8 = self.ours_call(product, cond, 0)
+            r.update(attention=chosen, images_per_s=a.batch / r["s"],
+                     mfu=self.mfu(4 * self.flops.get("forward", 0.0), r["s"]),
+                     rel_diff_vs_ours_eager=rel(z_fp8, z_eager), rel_diff_vs_pipeline=rel(z_fp8, z_pipe))
+            per["ours_fp8"] = r["s"]
+            return r
+        self.row("sampling_ours_fp8", eager_fp8, need="sampling_fp8")
         if a.compile:
             def compiled():
-                with torch.no_grad():                      # references, before anything is compiled
-                    z_eager, z_pipe = self.ours_call(pp, cond, 0), self.pipeline_call(pipe, cond, 0)
+                z_eager, z_pipe = references()
                 # the pipeline's transformer stays eager: an unfused choice is compiled on a copy
                 product = fast_pp if kind == "fused" else self.product_pipeline(pipe, copy.deepcopy(users))
                 speed.compile_network(product.net, a.compile_mode)
                 with torch.no_grad(), speed.attention_backend(chosen):
                     r = self.timed(lambda i: self.ours_call(product, cond, i))
-                    z_compiled = self.ours_call(product, cond, 0)
+                    z_compiled = self.sampling["z_compiled"] = self.ours_call(product, cond, 0)
                 r.update(mode=a.compile_mode, fused_qkv=kind == "fused",
                          attention=chosen, images_per_s=a.batch / r["s"],
                          mfu=self.mfu(4 * self.flops.get("forward", 0.0), r["s"]),
@@ -429,6 +469,22 @@ class Bench:
                 torch._dynamo.reset()
                 chosen = self.sampling["attention"] = "default"
                 self.row("sampling_ours_compiled", compiled, need="sampling_compiled")
+
+            def compiled_fp8():
+                _, z_pipe = references()
+                product, r = fp8_product()
+                speed.compile_network(product.net, a.compile_mode)
+                with torch.no_grad(), speed.attention_backend(chosen):
+                    r.update(self.timed(lambda i: self.ours_call(product, cond, i)))
+                    z_fp8 = self.ours_call(product, cond, 0)
+                r.update(mode=a.compile_mode, attention=chosen, images_per_s=a.batch / r["s"],
+                         mfu=self.mfu(4 * self.flops.get("forward", 0.0), r["s"]),
+                         rel_diff_vs_pipeline=rel(z_fp8, z_pipe))
+                if "z_compiled" in self.sampling:
+                    r["rel_diff_vs_ours_compiled"] = rel(z_fp8, self.sampling["z_compiled"])
+                per["ours_compiled_fp8"] = r["s"]
+                return r
+            self.row("sampling_ours_compiled_fp8", compiled_fp8, need="sampling_compiled_fp8")
         self.row("sampling_summary", self.sampling_summary)
 
     def sampling_summary(self):
@@ -438,17 +494,20 @@ class Bench:
             z_ours = self.ours_call(sm["pp"], sm["cond"], 0)
             z_pipe = self.pipeline_call(sm["pipe"], sm["cond"], 0)
         out["rel_diff_ours_eager_vs_pipeline"] = rel(z_ours, z_pipe)     # same noise; ours keeps latents in float32
-        best = "ours_compiled" if "ours_compiled" in per else min(
-            (k for k in per if k.startswith("ours")), key=per.get, default=None)
+        best = "ours_compiled" if "ours_compiled" in per else min(   # the bf16 product path (FP8: its own rows)
+            (k for k in per if k.startswith("ours") and "fp8" not in k), key=per.get, default=None)
         for base in ("pipeline_bf16", "pipeline_fp32_autocast"):
             if base not in per:
                 continue
-            for ours in ("ours_eager", "ours_eager_cudnn", "ours_fused", "ours_fused_cudnn", "ours_compiled"):
+            for ours in ("ours_eager", "ours_eager_cudnn", "ours_fused", "ours_fused_cudnn", "ours_fp8",
+                         "ours_compiled", "ours_compiled_fp8"):
                 if ours in per:
                     out[f"speedup_{ours}_over_{base}"] = per[base] / per[ours]
         if best and "pipeline_bf16" in per:
             out["speedup"] = per["pipeline_bf16"] / per[best]
             out["speedup_row"] = best
+        if "ours_compiled_fp8" in per and "ours_compiled" in per:
+            out["speedup_fp8_over_bf16_compiled"] = per["ours_compiled"] / per["ours_compiled_fp8"]
         return out
 
     def sampling_cleanup(self):
@@ -718,6 +777,8 @@ def main(argv=None):
     p.add_argument("--budget-s", type=float, default=540, help="seconds from start: no row starts that would "
                    "need more than what is left (NEED_S); at budget + 30 s the row in flight is abandoned")
     p.add_argument("--tiny", action="store_true", help="a 2-layer model: a CPU smoke run of this script")
+    p.add_argument("--only-sampling", action="store_true", help="the sampling rows (and the sampling extras) only: "
+                   "no training, memory or training-extra row")
     args = p.parse_args(argv)
     if args.tiny:
         args.batch, args.resolution, args.tokens = min(args.batch, 4), min(args.resolution, 64), min(args.tokens, 8)

@@ -67,6 +67,27 @@ def test_evaluate_model_and_npz_agree(fake_env, pipeline_files, classifier_dir, 
     capsys.readouterr()
 
 
+def test_evaluate_fp8_scores_the_quantized_network(fake_env, pipeline_files, classifier_dir, tmp_path, capsys):
+    """`evaluate --fp8` draws the samples with FP8 matmuls in the network's blocks and says how many layers it
+    quantized (the numbers: tests/test_fp8.py); with --samples the flag is refused (nothing is sampled)."""
+    from e2ediff.cli import main
+    from helpers import run_error
+
+    scores = {}
+    for name, extra in (("plain", []), ("fp8", ["--fp8"])):
+        assert main(["evaluate", "--checkpoint", str(pipeline_files["teacher"]), "--classifier", str(classifier_dir),
+                     "--num-samples", "20", "--steps", "2", "--device", "cpu", "--output", str(tmp_path / name),
+                     "--save-samples", str(tmp_path / f"s_{name}"), *extra]) == 0
+        scores[name] = json.loads((tmp_path / name).read_text())
+    assert scores["plain"]["fp8_layers"] == 0 and scores["fp8"]["fp8_layers"] > 0
+    plain, fp8 = (np.load(tmp_path / f"s_{n}" / "samples.npz")["images"].astype(float) for n in ("plain", "fp8"))
+    assert np.abs(fp8 - plain).mean() <= 0.1 * np.abs(plain).mean()   # (equal here: a fresh DiT's last layer is 0)
+    assert np.isfinite(scores["fp8"]["fd"])
+    line = run_error(capsys, "evaluate", "--samples", tmp_path / "s_plain" / "samples.npz", "--fp8",
+                     "--classifier", classifier_dir)
+    assert line.startswith("--fp8: only with --checkpoint"), line
+
+
 def test_evaluate_without_classifier_is_a_clear_error(fake_env, pipeline_files, tmp_path, capsys):
     from e2ediff.cli import main
 

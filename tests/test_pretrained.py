@@ -124,6 +124,8 @@ def test_pixart_lora_and_its_merged_export_sample_alike(folders, tmp_path):
     assert rel(merged, original) > 1e-3
     fast = our_samples(run / "lora", tmp_path / "fast", None, "--dtype", "bfloat16", "--fuse-qkv")
     assert rel(fast, ours) < 2e-2 and rel(fast, ours) < rel(original, ours) / 5   # the adapters are still applied
+    fp8 = our_samples(run / "lora", tmp_path / "fp8", None, "--fp8")    # merged first, else float8_linear refuses
+    assert rel(fp8, ours) < 0.1
 
 
 def test_sample_speed_options_give_the_plain_samples(folders, tmp_path, monkeypatch):
@@ -144,7 +146,7 @@ def test_sample_speed_options_need_a_pretrained_pipeline(tmp_path, capsys):
 
     model = tmp_path / "model.safetensors"
     model.write_bytes(b"")
-    for option in (["--compile"], ["--dtype", "bfloat16"], ["--fuse-qkv"], ["--attention", "cudnn"]):
+    for option in (["--compile"], ["--dtype", "bfloat16"], ["--fuse-qkv"], ["--attention", "cudnn"], ["--fp8"]):
         line = run_error(capsys, "sample", "--checkpoint", model, "--output", tmp_path / "o", "--device", "cpu",
                          *option)
         assert line.startswith(f"{option[0]}: only for --pretrained"), line

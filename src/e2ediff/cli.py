@@ -81,6 +81,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--attention", choices=ATTENTION_BACKENDS, default="default",
                    help="--pretrained: the attention kernel scaled_dot_product_attention tries first (cudnn: the "
                    "Hopper kernel; default: torch's order)")
+    p.add_argument("--fp8", action="store_true",
+                   help="--pretrained: FP8 (e4m3) matmuls in the transformer blocks' linear layers, weights per "
+                   "channel and activations per token (adapters.speed.float8_linear). Costs quantization error "
+                   "(a few %% per matmul, so samples differ slightly from the unquantized ones); faster only on a "
+                   "GPU with FP8 tensor cores (Hopper, Ada) and with --dtype bfloat16 --compile; on other devices "
+                   "(CPU) it runs, not faster. LoRA adapters are merged first")
 
     p = sub.add_parser("evaluate", help="FD, KID, alignment and diversity of a model file or a samples.npz")
     src = p.add_mutually_exclusive_group(required=True)
@@ -93,6 +99,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", type=Path, help="write the metrics as JSON here")
     p.add_argument("--save-samples", type=Path, help="also write samples.npz and grid.png into this folder")
     p.add_argument("--data-dir", type=Path, help="Fashion-MNIST IDX files (.gz or raw)")
+    p.add_argument("--fp8", action="store_true", help="--checkpoint: sample with FP8 (e4m3) matmuls in the network's "
+                   "blocks (adapters.speed.float8_linear), to score what the quantization error costs")
     _sampler_args(p)
 
     p = sub.add_parser("convert", help="rewrite a model file with its floating-point weights in another dtype",
@@ -265,7 +273,7 @@ def cmd_sample(args) -> None:
         timesteps = [int(t) for t in args.timesteps.split(",")] if args.timesteps else None
         out = sample_images(args.pretrained, prompts, args.output, steps=args.steps, timesteps=timesteps, w=args.w,
                             seed=args.seed, device=device, dtype=args.dtype or "float32", fuse_qkv=args.fuse_qkv,
-                            compile=args.compile, attention=args.attention)
+                            compile=args.compile, attention=args.attention, fp8=args.fp8)
         print(f"{len(prompts)} samples -> {out}")
         return
     if args.checkpoint is None:
@@ -373,7 +381,7 @@ def cmd_evaluate(args) -> None:
         spec = _sampler_spec(args, _model_meta(path))
         result, images, layouts, captions = evaluate_scene_model(path, spec, args.classifier, args.num_samples,
                                                                  args.seed, args.split, device, args.batch_size,
-                                                                 args.prompt_cache)
+                                                                 args.prompt_cache, fp8=args.fp8)
         if args.save_samples is not None:
             save_scene_samples(args.save_samples / "samples.npz", images, layouts, captions)
             save_grid(images[:40], max(1, min(4, len(images) // 10)), args.save_samples / "grid.png", scale=1)
@@ -389,7 +397,7 @@ def cmd_evaluate(args) -> None:
         path = args.checkpoint / "model.safetensors" if args.checkpoint.is_dir() else args.checkpoint
         spec = _sampler_spec(args, read_model_meta(path))
         result, images, labels = evaluate_model(path, spec, args.classifier, args.num_samples, args.seed,
-                                                args.split, device, args.batch_size, args.prompt_cache)
+                                                args.split, device, args.batch_size, args.prompt_cache, fp8=args.fp8)
         if args.save_samples is not None:
             from e2ediff.data.fashion_mnist import default_prompts
 

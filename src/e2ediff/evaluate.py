@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from e2ediff.adapters.speed import float8_linear
 from e2ediff.checkpoint import sha256_file
 
 
@@ -64,13 +65,17 @@ def score_images(images_uint8: np.ndarray, labels: np.ndarray | None, classifier
 
 def evaluate_model(model_path: str | Path, spec, classifier_dir: str | Path, num_samples: int = 10000,
                    seed: int = 0, split: str = "test", device: torch.device | str = "cpu", batch_size: int = 1000,
-                   prompt_cache: str | Path | None = None) -> tuple[dict, np.ndarray, np.ndarray]:
-    """Generate ``num_samples`` images balanced over the class prompts with ``spec`` and score them."""
+                   prompt_cache: str | Path | None = None,
+                   fp8: bool = False) -> tuple[dict, np.ndarray, np.ndarray]:
+    """Generate ``num_samples`` images balanced over the class prompts with ``spec`` and score them; ``fp8``: with the
+    network's block linears in FP8 (e2ediff.adapters.speed.float8_linear), to measure what quantization costs."""
     from e2ediff.assets import load_pipeline
     from e2ediff.data.fashion_mnist import default_prompts, from_model_images
     from e2ediff.generate import balanced_labels, generate, text_features
 
     pipe = load_pipeline(model_path, device)
+    n_params = sum(p.numel() for p in pipe.net.parameters())       # before FP8 turns block weights into buffers
+    fp8_layers = float8_linear(pipe.net) if fp8 else []
     labels = balanced_labels(num_samples)
     prompts = [default_prompts()[c] for c in labels]
     cond = text_features(prompts, pipe.meta.get("captions"), prompt_cache)
@@ -78,10 +83,10 @@ def evaluate_model(model_path: str | Path, spec, classifier_dir: str | Path, num
     images = from_model_images(generate(pipe, cond, spec, seed=seed, batch_size=batch_size, device=device))
     seconds = time.perf_counter() - t0
     result = score_images(images, labels, classifier_dir, split, device=device, seed=seed)
-    n_params = sum(p.numel() for p in pipe.net.parameters())
     result.update({"model": str(model_path), "kind": pipe.meta.get("kind"), "sampler": spec.name,
                    "timesteps": spec.resolved_timesteps(), "nfe": spec.nfe, "guidance": spec.guidance, "w": spec.w,
-                   "params": n_params, "seed": seed, "sample_seconds": seconds, "model_step": pipe.meta.get("step")})
+                   "params": n_params, "seed": seed, "sample_seconds": seconds, "model_step": pipe.meta.get("step"),
+                   "fp8_layers": len(fp8_layers)})
     return result, images, labels
 
 

@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from e2ediff.adapters.speed import float8_linear
 from e2ediff.data.scenes import DEFAULT_SIZES, NUM_CELLS, NUM_VARIANTS, load_scene_text_cache, load_scenes, parse_caption, \
     scene_caption
 
@@ -79,13 +80,16 @@ def is_scene_samples(path: Path) -> bool:
 
 
 def evaluate_scene_model(model_path, spec, classifier_dir, num_samples: int = 10000, seed: int = 0,
-                         split: str = "test", device="cpu", batch_size: int = 500, prompt_cache=None):
-    """Sample ``num_samples`` scenes for the split's layouts with ``spec`` and score them.
-    Returns (result, images, layouts, captions)."""
+                         split: str = "test", device="cpu", batch_size: int = 500, prompt_cache=None,
+                         fp8: bool = False):
+    """Sample ``num_samples`` scenes for the split's layouts with ``spec`` and score them (``fp8``: as
+    evaluate.evaluate_model). Returns (result, images, layouts, captions)."""
     from e2ediff.assets import load_pipeline
     from e2ediff.metrics.scenes import score_scenes
 
     pipe = load_pipeline(model_path, device)
+    n_params = sum(p.numel() for p in pipe.net.parameters())       # before FP8 turns block weights into buffers
+    fp8_layers = float8_linear(pipe.net) if fp8 else []
     layouts, captions = scene_prompts(num_samples, split)
     t0 = time.perf_counter()
     images = sample_scenes(pipe, captions, spec, seed, batch_size, device, prompt_cache)
@@ -93,6 +97,6 @@ def evaluate_scene_model(model_path, spec, classifier_dir, num_samples: int = 10
     result = score_scenes(images, layouts, classifier_dir, split, device=device, seed=seed)
     result.update({"model": str(model_path), "kind": pipe.meta.get("kind"), "sampler": spec.name,
                    "timesteps": spec.resolved_timesteps(), "nfe": spec.nfe, "guidance": spec.guidance, "w": spec.w,
-                   "params": sum(p.numel() for p in pipe.net.parameters()), "seed": seed,
-                   "sample_seconds": seconds, "model_step": pipe.meta.get("step")})
+                   "params": n_params, "seed": seed,
+                   "sample_seconds": seconds, "model_step": pipe.meta.get("step"), "fp8_layers": len(fp8_layers)})
     return result, images, layouts, captions

@@ -245,6 +245,8 @@ def check_command(args) -> None:
             check_input("--samples", args.samples)
             inputs["--samples"] = args.samples
         if cmd == "evaluate":
+            if get("fp8") and get("samples") is not None:
+                _fail("--fp8: only with --checkpoint (it quantizes the network that samples; --samples are drawn)")
             for name in ("model.safetensors", "config.json"):
                 check_input("--classifier", args.classifier / name, must_exist=False)
             inputs["--classifier"] = args.classifier / "model.safetensors"
@@ -253,7 +255,7 @@ def check_command(args) -> None:
         else:
             check_output_dir("--output", args.output, ("samples.npz", "grid.png"), inputs)
             speed = [flag for flag, on in (("--dtype", get("dtype") is not None), ("--compile", get("compile")),
-                                           ("--fuse-qkv", get("fuse_qkv")),
+                                           ("--fuse-qkv", get("fuse_qkv")), ("--fp8", get("fp8")),
                                            ("--attention", get("attention") not in (None, "default"))) if on]
             if speed and get("pretrained") is None:
                 _fail(f"{', '.join(speed)}: only for --pretrained pipelines (a --checkpoint model file samples in "

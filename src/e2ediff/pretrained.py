@@ -358,22 +358,27 @@ def add_finetune_args(p) -> None:
 def sample_images(source: str, prompts: list[str], output: Path, *, steps: int | None = None,
                   timesteps: list[int] | None = None, w: float | None = None, seed: int = 0,
                   resolution: int | None = None, device="cpu", dtype: str = "float32", fuse_qkv: bool = False,
-                  compile: str | None = None, attention: str = "default") -> Path:
+                  compile: str | None = None, attention: str = "default", fp8: bool = False) -> Path:
     """PNGs (output/000.png, …) and latents.safetensors of `prompts` by the project's LCM sampler on a pipeline folder,
     hub id or e2ediff export. Timesteps / w default to the ones the run trained (e2ediff.json), else the scheduler's
     4 LCM steps. Noise: seed's generator, as `pipe(prompt, generator=torch.Generator().manual_seed(seed))` draws it.
-    Speed (e2ediff.adapters.speed): dtype of the weights, fused q/k/v projections, torch.compile mode (None: eager),
-    the attention kernel tried first."""
+    Speed (e2ediff.adapters.speed): dtype of the weights, fused q/k/v projections, FP8 matmuls in the transformer
+    blocks, torch.compile mode (None: eager), the attention kernel tried first."""
     from PIL import Image
     from safetensors.torch import save_file
 
     from e2ediff.adapters import speed
+    from e2ediff.adapters.lora import has_lora, merge_lora
     from e2ediff.adapters.pipeline import load_pretrained, sample_pretrained
 
     pp = load_pretrained(source, device, dtype)
     pp.trained.eval()
+    if (fuse_qkv or fp8) and has_lora(pp.trained):
+        merge_lora(pp.trained)              # fused and FP8 weights are copies of the base weights: adapters first
     if fuse_qkv:
         speed.fuse_qkv(pp.trained)
+    if fp8:
+        speed.float8_linear(pp.trained)
     if compile is not None:
         speed.compile_network(pp.net, compile)
     sampler = pp.meta.get("sampler", {})
