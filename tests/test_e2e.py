@@ -50,6 +50,7 @@ class ResidualEps(nn.Module):
     def __init__(self, net: DiT):
         super().__init__()
         self.net = net
+        self.config = net.config
 
     def forward(self, x, t, cond, w=None):
         return x + self.net(x, t, cond, w=w)

@@ -3,6 +3,8 @@ the feature space, hand-written energy score / energy distance with scipy's cdis
 discriminator, per-chain calls for the guidance input, and short FinetuneTask runs on tiny seeded models."""
 from __future__ import annotations
 
+import copy
+import dataclasses
 import json
 import math
 
@@ -629,3 +631,108 @@ def test_anchor_refresh_moves_the_anchor_to_the_networks_ema_every_n_network_ste
     with pytest.raises(ConfigError, match=r"loss\.anchor_refresh"):
         validate(FinetuneRun(init="x", loss=E2ELoss(gan=1.0, energy=0.0, anchor=1.0, anchor_decay=5,
                                                     anchor_refresh=10)))
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# The anchor to the teacher's guided ODE endpoint (loss.anchor_to=teacher; round 8: the guided teacher is the best
+# sampler of the benchmark)
+
+
+def test_guidance_per_sample_equals_each_sample_guided_alone():
+    """GuidedDenoiser and ddim with one scale per sample [B] against B separate runs at float scales, in float64."""
+    from e2ediff.denoiser import guided
+    from e2ediff.samplers import ddim
+    from test_e2e import ResidualEps
+
+    teacher = Denoiser(ResidualEps(tiny_dit(5)).double(), SCHEDULE, "eps")
+    cond = make_cond(3, dtype=torch.float64)
+    g = torch.Generator().manual_seed(8)
+    z = torch.randn(3, 4, 8, 8, generator=g, dtype=torch.float64)
+    scales = torch.tensor([1.0, 1.5, 3.0], dtype=torch.float64)
+    t = torch.tensor([700, 300, 900])
+    x0, eps = guided(teacher, scales).predict(z, t, cond)
+    for i in range(3):
+        one = cond[i:i + 1]
+        x0_i, eps_i = guided(teacher, float(scales[i])).predict(z[i:i + 1], t[i:i + 1], one)
+        torch.testing.assert_close(x0[i:i + 1], x0_i, rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(eps[i:i + 1], eps_i, rtol=1e-12, atol=1e-12)
+        steps = [999, 666, 333]
+        want = ddim(teacher, z[i:i + 1], steps, one, guidance=float(scales[i]))
+        got = ddim(teacher, z, steps, cond, guidance=scales)[i:i + 1]
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+    # a scale of 1 in the tensor is the unguided model (eps_u + 1·(eps_c − eps_u) = eps_c)
+    torch.testing.assert_close(x0[:1], teacher.predict(z[:1], t[:1], cond[:1])[0])
+
+
+def teacher_pipeline(seed: int = 5):
+    from e2ediff.assets import Pipeline
+    from test_e2e import ResidualEps
+
+    denoiser = Denoiser(ResidualEps(tiny_dit(seed)), SCHEDULE, "eps").eval().requires_grad_(False)
+    return Pipeline(denoiser, tiny_autoencoder(), {"kind": "teacher", "schedule": "linear", "prediction": "eps"})
+
+
+def test_teacher_anchor_is_the_distance_to_the_teachers_guided_ddim_sample_from_the_chains_noise(tmp_path,
+                                                                                                monkeypatch):
+    """The logged anchor = mean (ẑ0 − x_teacher)², x_teacher the teacher's DDIM sample from the noise z_T that started
+    the student's chain, guided at that chain's w: recomputed here chain by chain in float64 at float scales."""
+    import e2ediff.e2e as e2e_module
+    from e2ediff.samplers import ddim
+    from e2ediff.schedules import ddim_timesteps
+
+    cfg = gan_run(tmp_path, 1, loss=dict(anchor=1.0, anchor_to="teacher", teacher="teacher.safetensors",
+                                         teacher_steps=3), w_range=(1.0, 2.0))
+    teacher = teacher_pipeline()
+    task = FinetuneTask(cfg, torch.device("cpu"), data=StandInData(), init=student_pipeline(), teacher=teacher)
+    assert task.teacher_timesteps == ddim_timesteps(3, spacing="trailing") == [999, 666, 332]
+    seen = {}
+    step = e2e_module.e2e_step
+
+    def record_step(*a, **k):
+        seen["z_T"], seen["w"], seen["cond"] = k["z_T"].clone(), k["w"].clone(), a[3]
+        z0, z0_hat = step(*a, **k)
+        seen["z0_hat"] = z0_hat.detach().double()
+        return z0, z0_hat
+    monkeypatch.setattr(e2e_module, "e2e_step", record_step)
+    sample = task.teacher_sample
+
+    def record_target(*a, **k):
+        seen["target"] = sample(*a, **k).double()
+        return seen["target"]
+    monkeypatch.setattr(task, "teacher_sample", record_target)
+    _, logs = task.losses(0, torch.Generator().manual_seed(7))
+    m = cfg.samples_per_caption
+    cond = seen["cond"].repeat_interleave(m)
+    ref = Denoiser(copy.deepcopy(teacher.denoiser.net).double(), SCHEDULE, "eps")     # float64, chain by chain
+    rows = []
+    for i in range(len(seen["z_T"])):
+        one = cond[i:i + 1].to(dtype=torch.float64)
+        rows.append(ddim(ref, seen["z_T"][i:i + 1].double(), [999, 666, 332], one, guidance=float(seen["w"][i])))
+    target = torch.cat(rows)
+    torch.testing.assert_close(seen["target"], target, rtol=1e-5, atol=1e-5)
+    one_w = ddim(ref, seen["z_T"].double(), [999, 666, 332], cond.to(dtype=torch.float64), guidance=1.5)
+    assert (one_w - target).abs().max() > 1e-3                        # each chain's own w matters at this tolerance
+    want = (seen["z0_hat"] - target).square().mean()
+    assert want > 1e-6                                                # the target is not the student's sample
+    torch.testing.assert_close(logs["anchor"].double(), want, rtol=1e-4, atol=0)
+
+
+def test_teacher_anchor_settings_are_validated_and_the_teacher_must_share_the_latent_space(tmp_path):
+    for loss, field in [(dict(anchor=1.0, anchor_to="teacher"), "loss.teacher"),
+                        (dict(anchor=0.0, anchor_to="teacher", teacher="t.safetensors"), "loss.anchor"),
+                        (dict(anchor=1.0, anchor_to="teacher", teacher="t.safetensors", teacher_steps=0),
+                         "loss.teacher_steps"),
+                        (dict(anchor=1.0, anchor_to="teacher", teacher="t.safetensors", anchor_refresh=5),
+                         "loss.anchor_refresh"),
+                        (dict(anchor=1.0, anchor_to="student"), "loss.anchor_to")]:
+        with pytest.raises(ConfigError, match=field):
+            validate(FinetuneRun(init="x", loss=E2ELoss(gan=1.0, energy=0.0, **loss)))
+    cfg = gan_run(tmp_path, 1, loss=dict(anchor=1.0, anchor_to="teacher", teacher="other.safetensors"))
+    other = teacher_pipeline()
+    other.autoencoder = tiny_autoencoder(seed=9)                      # another autoencoder: other latents
+    with pytest.raises(ValueError, match="other.safetensors.*autoencoder differs"):
+        FinetuneTask(cfg, torch.device("cpu"), data=StandInData(), init=student_pipeline(), teacher=other)
+    wide = teacher_pipeline()
+    wide.denoiser.net.config = dataclasses.replace(wide.denoiser.net.config, in_channels=8)
+    with pytest.raises(ValueError, match="in_channels=8"):
+        FinetuneTask(cfg, torch.device("cpu"), data=StandInData(), init=student_pipeline(), teacher=wide)

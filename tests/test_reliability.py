@@ -276,6 +276,23 @@ def test_resume_with_changed_lr_is_refused_then_applied_with_allow_changed(fake_
     assert record["step"] == 1 and record["changes"] == {"optim.lr": [0.001, 0.0005]}
 
 
+def test_a_setting_added_after_the_run_started_is_no_change_at_its_default():
+    """A run started before a setting existed resumes when the setting is at its default (the behaviour it had), and
+    is refused when it is set to something else; a changed existing setting is still a change."""
+    from e2ediff.guards import config_changes
+
+    saved = {"loss": {"anchor": 10.0}, "optim": {"lr": 1e-5}}
+    defaults = {"loss": {"anchor": 0.0, "anchor_to": "init"}, "optim": {"lr": 1e-5}}
+    assert config_changes(saved, {"loss": {"anchor": 10.0, "anchor_to": "init"}, "optim": {"lr": 1e-5}},
+                          defaults) == {}
+    assert config_changes(saved, {"loss": {"anchor": 10.0, "anchor_to": "teacher"}, "optim": {"lr": 1e-5}},
+                          defaults) == {"loss.anchor_to": (None, "teacher")}
+    assert config_changes(saved, {"loss": {"anchor": 3.0, "anchor_to": "init"}, "optim": {"lr": 1e-5}},
+                          defaults) == {"loss.anchor": (10.0, 3.0)}
+    assert config_changes(saved, {"loss": {"anchor": 10.0, "anchor_to": "init"}, "optim": {"lr": 1e-5}}) == \
+        {"loss.anchor_to": (None, "init")}                                  # without defaults: every new key
+
+
 @pytest.mark.parametrize("edit,why", [
     (lambda s: s.__setitem__("step", 3), "was edited or is corrupt: its sha256 does not match state_sha256"),
     (lambda s: s.pop("optim"), "is incomplete: field 'optim' is missing or not dict"),

@@ -49,6 +49,7 @@ def command_overrides(command: str, files: dict[str, Path]) -> list[str]:
 
 
 def run(command: str, files, run_dir: Path, steps: int, *extra: str) -> dict:
+    extra = [e.replace("{teacher}", str(files["teacher"])) for e in extra]   # a file of the fixture's
     cfg = resolve_run(command, *command_overrides(command, files), f"train.steps={steps}", *extra)
     return train(make_task(command, cfg, files), cfg.train, run_dir, cfg, command), cfg
 
@@ -67,12 +68,13 @@ def assert_same_checkpoint(a: Path, b: Path) -> None:
 
 CASES = [("train-autoencoder", ()), ("pretrain", ()), ("distill", ()), ("finetune", ()),
          ("finetune", ("loss.gan=0.1",)), ("finetune", ("loss.gan=0.1", "loss.gan_group_std=true")),
-         ("finetune", ("loss.anchor=1.0", "loss.anchor_refresh=2"))]
+         ("finetune", ("loss.anchor=1.0", "loss.anchor_refresh=2")),
+         ("finetune", ("loss.anchor=1.0", "loss.anchor_to=teacher", "loss.teacher={teacher}", "loss.teacher_steps=3"))]
 
 
 @pytest.mark.parametrize("command,extra", CASES, ids=["autoencoder", "pretrain", "distill", "finetune",
                                                       "finetune-gan", "finetune-gan-group-std",
-                                                      "finetune-anchor-refresh"])
+                                                      "finetune-anchor-refresh", "finetune-teacher-anchor"])
 def test_resume_is_bit_identical_to_a_straight_run(command, extra, fake_env, pipeline_files, tmp_path,
                                                    restore_determinism):
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"

@@ -13,6 +13,7 @@
 #   STAGE=group bash scripts/gpu/quality_probe.sh      # round 7: the shipped models trained on (re-anchored), and
 #                                                      #   the minibatch-std discriminator (loss.gan_group_std)
 #   STAGE=spread bash scripts/gpu/quality_probe.sh     # round 8: a third stage + the energy distance (real bank)
+#   STAGE=teacher bash scripts/gpu/quality_probe.sh    # the anchor to the guided teacher's ODE endpoint (TEACHER=file)
 #   STAGE=refresh bash scripts/gpu/quality_probe.sh    # the anchor refreshed to the EMA every REFRESH steps (not run
 #                                                      #   on a GPU yet: built and tested in the sixth session)
 #   STAGE=confirm SPLIT=test EVAL_N=10000 STEPS=800 ... # `adversarial` x 3 seeds, with and without K = 1
@@ -282,6 +283,31 @@ if [[ "${STAGE:-all}" == spread ]]; then   # round 8: a third stage from the shi
     if [[ $fam == k2* ]]; then preset=anchored-2step init=checkpoints/base/e2e_2step.safetensors
     else preset=anchored init=checkpoints/base/e2e.safetensors; fi
     (PRESET=$preset INIT=$init row "$name" $A $B loss.energy="$es" $x train.seed="$seed"; final "$name"; save) &
+  done
+  wait
+  fp16_best
+fi
+if [[ "${STAGE:-all}" == teacher ]]; then   # round 9: the anchor's target is the guided 32-step teacher's ODE endpoint
+  # from the chain's own noise (loss.anchor_to=teacher; DMD2's regression loss), not the starting model's sample.
+  # Round 8: the teacher at w = 1.5 (test FD 1.03, alignment 0.938) is better than every few-step model. TEACHER_ROWS:
+  # FAMILY:TEACHER_STEPS:λ:SEED, FAMILY mix (`anchored` from base/e2e) or k2 (`anchored-2step`, also from base/e2e:
+  # the teacher file and the data leave no room in a call for base/e2e_2step). TEACHER: the teacher file (15.6 MB,
+  # `git show 0ae16b9:checkpoints/base/teacher.safetensors`), carried.
+  #   FAST="train.compile=reduce-overhead checkpointing=false" STAGE=teacher ROW_SECONDS=400 ROW_KS= FINAL=1 ...
+  A=$KEEP; T=${TEACHER:-.gpu/teacher_base.safetensors}; BAR=${BAR-1}
+  [ -f "$T" ] || { echo "teacher: $T not here" >&2; exit 2; }
+  for g in ${TEACHER_EVAL_STEPS:-}; do   # the teacher's own DDIM-g sample at w = 1.5 (its target quality), K = 4 slot
+    [ -f "$R/eval_teacher_ddim${g}_k4_$SPLIT.json" ] || $E evaluate --checkpoint "$T" --classifier "$CLS" \
+      --sampler ddim --steps "$g" --guidance 1.5 --num-samples "$N" --split "$SPLIT" --device "$DEV" \
+      --output "$R/eval_teacher_ddim${g}_k4_$SPLIT.json" > "$R/eval_teacher_ddim${g}.log" 2>&1 &
+  done
+  (student; final_student) &
+  for spec in ${TEACHER_ROWS:-mix:16:10:0 mix:16:10:1 mix:16:10:2 k2:16:10:0 k2:16:10:1 k2:16:10:2 mix:32:10:0 mix:16:3:0}; do
+    IFS=: read -r fam steps lam seed <<< "$spec"
+    name=${fam}t${steps}a${lam}_s$seed; preset=anchored
+    [[ $fam == k2 ]] && preset=anchored-2step
+    (PRESET=$preset INIT=checkpoints/base/e2e.safetensors row "$name" $A loss.anchor="$lam" loss.anchor_to=teacher \
+       loss.teacher="$T" loss.teacher_steps="$steps" train.seed="$seed"; final "$name"; save) &
   done
   wait
   fp16_best

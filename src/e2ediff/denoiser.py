@@ -123,10 +123,10 @@ class GuidedDenoiser(nn.Module):
     eps = eps_u + scale·(eps_c − eps_u), x0 = (z − s·eps)/a. Conditional and unconditional (cond.with_drop(True))
     branches run as one batch of 2B."""
 
-    def __init__(self, denoiser: nn.Module, scale: float) -> None:
+    def __init__(self, denoiser: nn.Module, scale: float | Tensor) -> None:
         super().__init__()
         self.denoiser = denoiser
-        self.scale = float(scale)
+        self.scale = scale if isinstance(scale, Tensor) else float(scale)   # a tensor: one scale per sample [B]
 
     @property
     def schedule(self) -> VPSchedule:
@@ -139,7 +139,8 @@ class GuidedDenoiser(nn.Module):
         w2 = None if w is None else torch.cat([w, w])
         _, eps = self.denoiser.predict(torch.cat([z_t, z_t]), torch.cat([t, t]), both, w2)
         eps_c, eps_u = eps.chunk(2)
-        eps = eps_u + self.scale * (eps_c - eps_u)
+        scale = broadcast_like(self.scale.to(eps), eps) if isinstance(self.scale, Tensor) else self.scale
+        eps = eps_u + scale * (eps_c - eps_u)
         a, s = self.schedule.alpha_sigma(t, z_t.dtype, z_t.ndim)
         return eps_to_x0(z_t, eps, a, s), eps
 
@@ -147,8 +148,9 @@ class GuidedDenoiser(nn.Module):
         return self.predict(z_t, t, cond, w)[0]
 
 
-def guided(denoiser: nn.Module, scale: float) -> nn.Module:
-    """Denoiser with classifier-free guidance at `scale`; scale == 1 returns `denoiser` itself (no extra batch)."""
-    if float(scale) == 1.0:
+def guided(denoiser: nn.Module, scale: float | Tensor) -> nn.Module:
+    """Denoiser with classifier-free guidance at `scale` (a float, or one scale per sample [B]); a float scale of 1
+    returns `denoiser` itself (no extra batch)."""
+    if not isinstance(scale, Tensor) and float(scale) == 1.0:
         return denoiser
     return GuidedDenoiser(denoiser, scale)

@@ -55,6 +55,11 @@ class E2ELoss:
     anchor_refresh: int = 0              # > 0: every this many network steps after the warm-up, the anchor's model
                                          # becomes the network's EMA (a moving trust region: round 7's second stage
                                          # from the first's file, in place, with the discriminator kept)
+    anchor_to: Literal["init", "teacher"] = "init"   # the anchor's target for the same noise z_T: the starting
+                                         # model's own sample, or the teacher's probability-flow ODE endpoint
+                                         # (DDIM, guidance at each chain's w: DMD2's regression loss, here in latents)
+    teacher: str = ""                    # anchor_to=teacher: the teacher pipeline file (same autoencoder as init)
+    teacher_steps: int = 32              # DDIM steps of the teacher's sample (64 network calls with guidance)
     coupling: Literal["independent", "minibatch_ot"] = "independent"  # pairing of outputs with targets (L1/L2/LPIPS)
 
     def validate(self) -> None:
@@ -66,6 +71,14 @@ class E2ELoss:
                "0 unless loss.anchor > 0 (there is no anchor to decay)")
         _check(self.anchor_refresh == 0 or (self.anchor > 0 and self.anchor_decay == 0), "loss.anchor_refresh",
                self.anchor_refresh, "0 unless loss.anchor > 0 and loss.anchor_decay = 0 (one schedule for the anchor)")
+        _check(self.anchor_to in ("init", "teacher"), "loss.anchor_to", self.anchor_to, "init or teacher")
+        if self.anchor_to == "teacher":
+            _check(self.anchor > 0, "loss.anchor", self.anchor, "> 0 when loss.anchor_to=teacher (its weight)")
+            _check(bool(self.teacher), "loss.teacher", self.teacher,
+                   "the teacher pipeline file when loss.anchor_to=teacher")
+            _check(self.teacher_steps >= 1, "loss.teacher_steps", self.teacher_steps, ">= 1")
+            _check(self.anchor_refresh == 0, "loss.anchor_refresh", self.anchor_refresh,
+                   "0 when loss.anchor_to=teacher (the teacher does not move)")
         _check(not self.gan_group_std or self.gan > 0, "loss.gan_group_std", self.gan_group_std,
                "false unless loss.gan > 0 (there is no discriminator to show the spread to)")
         _check(self.l1 + self.l2 + self.lpips + self.energy + self.gan > 0, "loss", "all weights 0",
@@ -186,6 +199,24 @@ PRESETS = {
 # A second stage from that file (round 7, 3 seeds, ~4,120 more steps): 0.70x, alignment 0.911 — base/e2e_2step.
 PRESETS["anchored-2step"] = replace(PRESETS["anchored"], sampler_steps=2, sampler_steps_mix=None,
                                     train=replace(PRESETS["anchored"].train, steps=4500))
+
+
+def check_same_latent_space(teacher, init, teacher_name: str, init_name: str) -> None:
+    """The teacher's samples are latents of its autoencoder: it must be the init's (equal weights), and the two
+    networks must see the same latent shape and caption features. ValueError naming both files otherwise."""
+    t, s = teacher.denoiser.net.config, init.denoiser.net.config
+    for field in ("in_channels", "input_size", "text_dim"):
+        if getattr(t, field) != getattr(s, field):
+            raise ValueError(f"loss.teacher={teacher_name}: its network has {field}={getattr(t, field)}, the init "
+                             f"{init_name} has {getattr(s, field)}; the teacher must share the init's latent space")
+    ta, sa = teacher.autoencoder.state_dict(), init.autoencoder.state_dict()
+    if ta.keys() != sa.keys() or any(not torch.equal(ta[k].float().cpu(), sa[k].float().cpu()) for k in ta):
+        raise ValueError(f"loss.teacher={teacher_name}: its autoencoder differs from the init {init_name}'s; the "
+                         "anchor compares latents, so both must use one autoencoder")
+    ts, ss = teacher.denoiser.schedule.alphas_cumprod, init.denoiser.schedule.alphas_cumprod
+    if ts.shape != ss.shape or not torch.equal(ts, ss):
+        raise ValueError(f"loss.teacher={teacher_name}: its noise schedule (ᾱ table) differs from the init "
+                         f"{init_name}'s; the teacher's ODE and the student's sampler must share one schedule")
 
 
 def e2e_step(student: nn.Module, autoencoder: nn.Module, images: Tensor, cond: TextCond, *, timesteps: list[int],
@@ -389,8 +420,9 @@ def load_lpips(cfg: E2ELoss) -> nn.Module:
 class FinetuneTask(Task):
     kind = "finetune"
 
-    def __init__(self, cfg: FinetuneRun, device: torch.device, data=None, init=None):
+    def __init__(self, cfg: FinetuneRun, device: torch.device, data=None, init=None, teacher=None):
         from e2ediff.assets import TrainingData, class_index_table, load_pipeline
+        from e2ediff.schedules import ddim_timesteps
         from e2ediff.schedules import lcm_timesteps, pixart_lcm_timesteps
 
         self.cfg = cfg
@@ -410,6 +442,13 @@ class FinetuneTask(Task):
             raise ValueError(f"{cfg.init} embeds the guidance scale; set w=<scale>")
         if cfg.w_range is not None and not net.config.guidance_embed:
             raise ValueError(f"w_range={list(cfg.w_range)}: {cfg.init} has no guidance-scale embedding to feed")
+        self.teacher = None
+        if cfg.loss.anchor > 0 and cfg.loss.anchor_to == "teacher":   # the anchor's target: the teacher's ODE endpoint
+            self.teacher = teacher if teacher is not None else load_pipeline(cfg.loss.teacher, device)
+            self.teacher.to(device)
+            check_same_latent_space(self.teacher, self.init, cfg.loss.teacher or "teacher", cfg.init or "init")
+            # trailing spacing, as the evaluator's DDIM: the first step starts at t = T − 1 from pure noise
+            self.teacher_timesteps = ddim_timesteps(cfg.loss.teacher_steps, self.schedule.T, spacing="trailing")
         self.bank_items = None
         if cfg.loss.real_bank > 0 or cfg.loss.gan_group_std:   # train items of each class: the per-class real
             labels = self.data.labels                            # bank, the discriminator's real groups
@@ -469,12 +508,15 @@ class FinetuneTask(Task):
         if not warmup:
             last = self.parts[0].module.final_layer.linear.weight if cfg.loss.gan_adaptive else None
             per_image, logs = self.objective(z0_hat, z0, images, cond, groups, m, last, bank)
-            if cfg.loss.anchor > 0:         # the frozen starting model's sample from the same noises and w
-                with torch.no_grad():
-                    _, anchor = e2e_step(self.init.denoiser, self.init.autoencoder, images, cond,
-                                         timesteps=timesteps, m=m, generator=None, renoise=cfg.renoise, w=w,
-                                         checkpoint=False, timestep_scaling=self.timestep_scaling, z0=z0, z_T=z_T,
-                                         noises=noises)
+            if cfg.loss.anchor > 0:         # the target for the same noises and w: the frozen starting model's
+                with torch.no_grad():       # sample, or the teacher's guided ODE endpoint from the same z_T
+                    if self.teacher is not None:
+                        anchor = self.teacher_sample(z_T, cond.repeat_interleave(m), w)
+                    else:
+                        _, anchor = e2e_step(self.init.denoiser, self.init.autoencoder, images, cond,
+                                             timesteps=timesteps, m=m, generator=None, renoise=cfg.renoise, w=w,
+                                             checkpoint=False, timestep_scaling=self.timestep_scaling, z0=z0,
+                                             z_T=z_T, noises=noises)
                 term = (z0_hat - anchor).float().square().flatten(1).mean(1).view(len(images), m).mean(1)
                 weight = anchor_weight(cfg.loss, step, cfg.disc_warmup)
                 per_image, logs["anchor"] = per_image + weight * term, term.detach().mean()
@@ -492,6 +534,15 @@ class FinetuneTask(Task):
         with torch.no_grad():   # within-batch spread of the outputs: falls toward 0 when samples collapse
             logs["output_std"] = z0_hat.float().std(0).mean()
         return losses, logs
+
+    @torch.no_grad()
+    def teacher_sample(self, z_T: Tensor, cond: TextCond, w: float | Tensor | None) -> Tensor:
+        """The teacher's deterministic DDIM sample from z_T [B·m, ...] (cond per chain), classifier-free guided at each
+        chain's w (the scale the student was distilled to embed; 1 when it embeds none)."""
+        from e2ediff.samplers import ddim
+
+        scale = 1.0 if w is None else w
+        return ddim(self.teacher.denoiser, z_T, self.teacher_timesteps, cond, guidance=scale).to(z_T.dtype)
 
     @torch.no_grad()
     def after_step(self, step):

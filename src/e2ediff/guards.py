@@ -399,11 +399,14 @@ def flatten(node: dict, prefix: str = "") -> dict[str, Any]:
     return out
 
 
-def config_changes(saved: dict, current: dict) -> dict[str, tuple[Any, Any]]:
-    """{dotted key: (checkpoint's value, current value)} for every key that differs, except RESUMABLE_KEYS."""
-    old, new = flatten(saved), flatten(current)
+def config_changes(saved: dict, current: dict, defaults: dict | None = None) -> dict[str, tuple[Any, Any]]:
+    """{dotted key: (checkpoint's value, current value)} for every key that differs, except RESUMABLE_KEYS.
+    ``defaults`` (the config class's defaults): a key the checkpoint lacks — a setting added after the run started —
+    is no change when its current value is that default, the behaviour the run had before the setting existed."""
+    old, new, base = flatten(saved), flatten(current), flatten(defaults or {})
     return {k: (old.get(k), new.get(k)) for k in sorted(set(old) | set(new))
-            if old.get(k) != new.get(k) and k not in RESUMABLE_KEYS and f"train.{k}" not in RESUMABLE_KEYS}
+            if old.get(k) != new.get(k) and k not in RESUMABLE_KEYS and f"train.{k}" not in RESUMABLE_KEYS
+            and not (k not in old and k in base and new.get(k) == base[k])}
 
 
 def describe_changes(changes: dict[str, tuple[Any, Any]], limit: int = 6) -> str:

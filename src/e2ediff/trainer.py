@@ -340,7 +340,8 @@ def train(task: Task, cfg: TrainConfig, run_dir: Path, run_config: Any, command:
         load_rng_state(tensors, state["rng"])
         start = int(state["step"])
         skipped, nonfinite = int(state.get("skipped_steps", 0)), int(state.get("nonfinite_in_row", 0))
-        changes = config_changes(state["config"], json.loads(json.dumps(to_dict(run_config))))
+        changes = config_changes(state["config"], json.loads(json.dumps(to_dict(run_config))),
+                                 json.loads(json.dumps(to_dict(type(run_config)()))))
         if changes and not allow_changed:
             raise CheckpointError(f"{run_dir} was started with another config ({describe_changes(changes)}); "
                                   f"rerun with the config in {run_dir / 'config.yaml'}, or pass --allow-changed to "
