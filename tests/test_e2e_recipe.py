@@ -736,3 +736,32 @@ def test_teacher_anchor_settings_are_validated_and_the_teacher_must_share_the_la
     wide.denoiser.net.config = dataclasses.replace(wide.denoiser.net.config, in_channels=8)
     with pytest.raises(ValueError, match="in_channels=8"):
         FinetuneTask(cfg, torch.device("cpu"), data=StandInData(), init=student_pipeline(), teacher=wide)
+
+
+def test_compiled_training_compiles_the_anchors_network_without_cuda_graphs(tmp_path, monkeypatch):
+    """train.compile also compiles the network the anchor runs every step (the teacher, or the starting model) with
+    inductor's default mode — CUDA graphs stay with the trained network — and the run exports what an eager run does."""
+    from e2ediff.checkpoint import load_model_file
+
+    calls = record_compile(monkeypatch, "eager")
+    exports = {}
+    for target in ("teacher", "init"):
+        for compile_mode in ("no", "reduce-overhead"):
+            loss = E2ELoss(energy=1.0, anchor=1.0, anchor_to=target, teacher="teacher.safetensors", teacher_steps=2)
+            cfg = FinetuneRun(init="memory", sampler_steps=2, samples_per_caption=2, optim=OptimConfig(lr=1e-3),
+                              loss=loss, train=TrainConfig(steps=2, batch_size=4, ema_decay=0.9, device="cpu",
+                                                           progress=False, log_every=1, checkpoint_every=2,
+                                                           compile=compile_mode))
+            task = FinetuneTask(cfg, torch.device("cpu"), data=StandInData(), init=student_pipeline(),
+                                teacher=teacher_pipeline())
+            calls.clear()
+            train(task, cfg.train, tmp_path / f"{target}-{compile_mode}", cfg, "finetune")
+            exports[target, compile_mode] = load_model_file(tmp_path / f"{target}-{compile_mode}" /
+                                                            "model.safetensors")[0]
+            if compile_mode != "no":
+                anchor_net = task.teacher.denoiser.net if target == "teacher" else task.init.net
+                assert [(fn.__self__, mode) for fn, mode in calls] == [(task.parts[0].module, "reduce-overhead"),
+                                                                        (anchor_net, None)]
+        for k, v in exports[target, "no"].items():
+            torch.testing.assert_close(exports[target, "reduce-overhead"][k], v, rtol=1e-5, atol=1e-6)
+    assert any(not torch.equal(exports["teacher", "no"][k], exports["init", "no"][k]) for k in exports["init", "no"])

@@ -535,6 +535,12 @@ class FinetuneTask(Task):
             logs["output_std"] = z0_hat.float().std(0).mean()
         return losses, logs
 
+    def frozen_networks(self) -> list[nn.Module]:
+        """The anchor's network, run every step without gradients: the teacher's, or the starting model's."""
+        if self.cfg.loss.anchor <= 0:
+            return []
+        return [self.teacher.denoiser.net if self.teacher is not None else self.init.net]
+
     @torch.no_grad()
     def teacher_sample(self, z_T: Tensor, cond: TextCond, w: float | Tensor | None) -> Tensor:
         """The teacher's deterministic DDIM sample from z_T [B·m, ...] (cond per chain), classifier-free guided at each

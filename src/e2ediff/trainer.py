@@ -93,6 +93,11 @@ class Task:
         """Called on every process before FSDP shards the ``ddp`` parts: keep what ``export`` needs whole (it runs on
         process 0 with whole weights, while the parts' modules hold only their shards from now on)."""
 
+    def frozen_networks(self) -> list[nn.Module]:
+        """Networks that run every step without gradients (an anchor's model, a teacher): under ``train.compile`` they
+        are compiled too, with inductor's default mode (CUDA graphs are left to the trained parts)."""
+        return []
+
     def extra_tensors(self) -> dict[str, torch.Tensor]:
         return {}
 
@@ -365,6 +370,8 @@ def train(task: Task, cfg: TrainConfig, run_dir: Path, run_config: Any, command:
     if cfg.compile != "no":   # in place: parameter names, checkpoints and exports are unchanged
         for part in (p for p in task.parts if p.compile):
             part.module.compile(mode=None if cfg.compile == "default" else cfg.compile)
+        for net in task.frozen_networks():
+            net.compile()
     if sharded:
         # FSDP2 (every part is a ddp part: fsdp.check_fsdp): each is sharded with its optimizer (accelerate swaps the
         # optimizer's parameters for the shards); its saved optimizer state is loaded only now, and its EMA is split
