@@ -6,6 +6,8 @@
 #   PROBE=losses bash scripts/cpu_probe.sh   # w drawn in [1, 2] while training: latent / feature energy, feature bank
 #   PROBE=w1     bash scripts/cpu_probe.sh   # trained at w = 1 (the unguided input), sampled at the student's w = 1.5
 #   PROBE=k24    bash scripts/cpu_probe.sh   # adversarial recipe, K from {1, 2, 4} vs {2, 4}
+#   PROBE=teacher bash scripts/cpu_probe.sh  # from base/e2e: the regression to the guided teacher's DDIM-16 endpoint
+#                                            # alone (loss.anchor_to=teacher, no other term) vs the starting file
 #
 # STEPS (100), LR (1e-5), EVAL_N (2000), SEED (0). ~30 min on 2 cores.
 set -uo pipefail
@@ -48,5 +50,20 @@ k24)   # the adversarial recipe with K drawn from {1, 2, 4} vs from {2, 4}: does
   evaluate student $LCM
   for name in adversarial_mix124 adversarial_mix24; do evaluate $name "$R/$name/model.safetensors"; done
   ;;
-*) echo "PROBE must be losses, w1 or k24" >&2; exit 2 ;;
+teacher)   # does regressing base/e2e's samples onto the guided teacher's ODE endpoints (the same noise, the chain's w)
+  # move K = 2 and 4 toward the teacher (val FD 1.10, alignment 0.937 at DDIM-32, w = 1.5)? No other loss term.
+  # TEACHER: the base teacher (not shipped; `git show 0ae16b9:checkpoints/base/teacher.safetensors > FILE`).
+  T=${TEACHER:-$R/teacher.safetensors}; INIT=checkpoints/base/e2e.safetensors
+  [ -f "$T" ] || git show 0ae16b9:checkpoints/base/teacher.safetensors > "$T"
+  $E finetune --preset base --run-dir "$R/teacher16" init=$INIT $COMMON w_range=[1.0,2.0] loss.energy=0 \
+    loss.anchor=10 loss.anchor_to=teacher loss.teacher="$T" loss.teacher_steps=16 > "$R/teacher16.log" 2>&1
+  for k in 2 4; do
+    for name in start teacher16; do
+      model=$INIT; [ $name = start ] || model=$R/$name/model.safetensors
+      $E evaluate --checkpoint "$model" --steps $k --num-samples "$N" --split val --device cpu --w 1.5 \
+        --output "$R/eval_${name}_k${k}_val.json" 2>&1 | tail -n 1 | sed "s/^/$name K=$k: /"
+    done
+  done
+  ;;
+*) echo "PROBE must be losses, w1, k24 or teacher" >&2; exit 2 ;;
 esac

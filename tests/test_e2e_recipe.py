@@ -727,6 +727,10 @@ def test_teacher_anchor_settings_are_validated_and_the_teacher_must_share_the_la
                         (dict(anchor=1.0, anchor_to="student"), "loss.anchor_to")]:
         with pytest.raises(ConfigError, match=field):
             validate(FinetuneRun(init="x", loss=E2ELoss(gan=1.0, energy=0.0, **loss)))
+    # the regression to the teacher may be the whole loss; an anchor to the starting model alone may not
+    validate(FinetuneRun(init="x", loss=E2ELoss(energy=0.0, anchor=1.0, anchor_to="teacher", teacher="t")))
+    with pytest.raises(ConfigError, match="all weights 0"):
+        validate(FinetuneRun(init="x", loss=E2ELoss(energy=0.0, anchor=1.0)))
     cfg = gan_run(tmp_path, 1, loss=dict(anchor=1.0, anchor_to="teacher", teacher="other.safetensors"))
     other = teacher_pipeline()
     other.autoencoder = tiny_autoencoder(seed=9)                      # another autoencoder: other latents

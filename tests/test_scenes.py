@@ -299,7 +299,10 @@ def test_scenes_teacher_student_and_e2e_train_compiled(fake_env, tmp_path, monke
             task = make_task(cfg)
             train(task, cfg.train, tmp_path / f"{name}-{mode}", cfg, name)
             exports[mode] = load_model_file(tmp_path / f"{name}-{mode}" / "model.safetensors")[0]
-        assert calls[-1][1] == "reduce-overhead" and calls[-1][0].__self__ is task.parts[0].module
+        compiled = [(fn.__self__, mode) for fn, mode in calls]
+        assert (task.parts[0].module, "reduce-overhead") in compiled     # the trained network; an anchor's
+        assert all(mode is None for net, mode in compiled                # network with the default mode
+                   if any(net is frozen for frozen in task.frozen_networks()))
         assert exports["no"].keys() == exports["reduce-overhead"].keys()
         for k, v in exports["no"].items():
             torch.testing.assert_close(exports["reduce-overhead"][k], v, rtol=1e-5, atol=1e-6)
@@ -313,7 +316,7 @@ def test_scenes_teacher_student_and_e2e_train_compiled(fake_env, tmp_path, monke
     run(FINETUNE["anchored"], lambda cfg: FinetuneTask(cfg, torch.device("cpu"), init=load_pipeline(student)),
         "finetune", f"init={student}", "data.dataset=fashion-scenes", "data.caption_dropout=0", "checkpointing=false",
         "disc_warmup=1", "train.steps=3", "train.checkpoint_every=3", "optim.lr=1e-3")
-    assert len(calls) == 3
+    assert len(calls) == 4      # the three trained networks, and the anchored fine-tune's anchor network
 
 
 @pytest.mark.parametrize("t", [999, 900, 700])

@@ -81,8 +81,10 @@ class E2ELoss:
                    "0 when loss.anchor_to=teacher (the teacher does not move)")
         _check(not self.gan_group_std or self.gan > 0, "loss.gan_group_std", self.gan_group_std,
                "false unless loss.gan > 0 (there is no discriminator to show the spread to)")
-        _check(self.l1 + self.l2 + self.lpips + self.energy + self.gan > 0, "loss", "all weights 0",
-               "at least one positive weight among l1, l2, lpips, energy, gan")
+        _check(self.l1 + self.l2 + self.lpips + self.energy + self.gan > 0 or
+               (self.anchor > 0 and self.anchor_to == "teacher"), "loss", "all weights 0",
+               "at least one positive weight among l1, l2, lpips, energy, gan (or loss.anchor > 0 with "
+               "loss.anchor_to=teacher: the regression to the teacher alone)")
         _check(not self.uses_feature_net or bool(self.lpips_weights), "loss.lpips_weights", self.lpips_weights,
                "a weights file when loss.lpips > 0, loss.space=features or loss.gan_space=features")
         _check(self.real_bank >= 0, "loss.real_bank", self.real_bank, ">= 0")
