@@ -292,7 +292,10 @@ if [[ "${STAGE:-all}" == teacher ]]; then   # round 9: the anchor's target is th
   # Round 8: the teacher at w = 1.5 (test FD 1.03, alignment 0.938) is better than every few-step model. TEACHER_ROWS:
   # FAMILY:TEACHER_STEPS:λ:SEED, FAMILY mix (`anchored` from base/e2e) or k2 (`anchored-2step`, also from base/e2e:
   # the teacher file and the data leave no room in a call for base/e2e_2step). TEACHER: the teacher file (15.6 MB,
-  # `git show 0ae16b9:checkpoints/base/teacher.safetensors`), carried.
+  # `git show 0ae16b9:checkpoints/base/teacher.safetensors`), carried. The first call's carry, measured 2026-12-06:
+  # the tree without base/lcm, base/e2e_1step, base/e2e_2step, docs/results, docs/figures and docs/demo (~19 MB) +
+  # .gpu/fashion-mnist (30.9 MB) + .gpu/cache-p (1.6 MB) + the teacher (15.6 MB) is just under 64 MiB; the next
+  # call on the warm machine carries only base/lcm (the student's rows; FINAL's test rows need the t10k files).
   #   FAST="train.compile=reduce-overhead checkpointing=false" STAGE=teacher ROW_SECONDS=400 ROW_KS= FINAL=1 ...
   A=$KEEP; T=${TEACHER:-.gpu/teacher_base.safetensors}; BAR=${BAR-1}
   [ -f "$T" ] || { echo "teacher: $T not here" >&2; exit 2; }
