@@ -13,7 +13,7 @@
 #   STAGE=group bash scripts/gpu/quality_probe.sh      # round 7: the shipped models trained on (re-anchored), and
 #                                                      #   the minibatch-std discriminator (loss.gan_group_std)
 #   STAGE=spread bash scripts/gpu/quality_probe.sh     # round 8: a third stage + the energy distance (real bank)
-#   STAGE=teacher bash scripts/gpu/quality_probe.sh    # the anchor to the guided teacher's ODE endpoint (TEACHER=file)
+#   STAGE=teacher bash scripts/gpu/quality_probe.sh    # the anchor to the guided teacher's ODE endpoint (see its block)
 #   STAGE=refresh bash scripts/gpu/quality_probe.sh    # the anchor refreshed to the EMA every REFRESH steps (not run
 #                                                      #   on a GPU yet: built and tested in the sixth session)
 #   STAGE=confirm SPLIT=test EVAL_N=10000 STEPS=800 ... # `adversarial` x 3 seeds, with and without K = 1
@@ -291,13 +291,16 @@ if [[ "${STAGE:-all}" == teacher ]]; then   # round 9: the anchor's target is th
   # from the chain's own noise (loss.anchor_to=teacher; DMD2's regression loss), not the starting model's sample.
   # Round 8: the teacher at w = 1.5 (test FD 1.03, alignment 0.938) is better than every few-step model. TEACHER_ROWS:
   # FAMILY:TEACHER_STEPS:λ:SEED, FAMILY mix (`anchored` from base/e2e) or k2 (`anchored-2step`, also from base/e2e:
-  # the teacher file and the data leave no room in a call for base/e2e_2step). TEACHER: the teacher file (15.6 MB,
-  # `git show 0ae16b9:checkpoints/base/teacher.safetensors`), carried. The first call's carry, measured 2026-12-06:
-  # the tree without base/lcm, base/e2e_1step, base/e2e_2step, docs/results, docs/figures and docs/demo (~19 MB) +
-  # .gpu/fashion-mnist (30.9 MB) + .gpu/cache-p (1.6 MB) + the teacher (15.6 MB) is just under 64 MiB; the next
-  # call on the warm machine carries only base/lcm (the student's rows; FINAL's test rows need the t10k files).
+  # the teacher file and the data leave no room in a call for base/e2e_2step). TEACHER: the base teacher, not shipped
+  # and ignored by git; made beside the shipped autoencoder so that it shares it (10.8 MB instead of 15.6):
+  #   git show 0ae16b9:checkpoints/base/teacher.safetensors > /tmp/teacher.safetensors
+  #   e2ediff convert /tmp/teacher.safetensors checkpoints/base/teacher.safetensors \
+  #     --share-autoencoder checkpoints/base/autoencoder.safetensors
+  # First call (measured 2026-12-06): the tree without base/lcm, base/e2e_1step, base/e2e_2step, docs/results and
+  # docs/figures (~20 MB) + carry=["checkpoints/base/teacher.safetensors", ".gpu/fashion-mnist", ".gpu/cache-p"]
+  # (43 MB) fits 64 MiB; the next call on the warm machine carries base/lcm back (the student's rows).
   #   FAST="train.compile=reduce-overhead checkpointing=false" STAGE=teacher ROW_SECONDS=400 ROW_KS= FINAL=1 ...
-  A=$KEEP; T=${TEACHER:-.gpu/teacher_base.safetensors}; BAR=${BAR-1}
+  A=$KEEP; T=${TEACHER:-checkpoints/base/teacher.safetensors}; BAR=${BAR-1}
   [ -f "$T" ] || { echo "teacher: $T not here" >&2; exit 2; }
   for g in ${TEACHER_EVAL_STEPS:-}; do   # the teacher's own DDIM-g sample at w = 1.5 (its target quality), K = 4 slot
     [ -f "$R/eval_teacher_ddim${g}_k4_$SPLIT.json" ] || $E evaluate --checkpoint "$T" --classifier "$CLS" \
