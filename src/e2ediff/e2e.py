@@ -424,8 +424,7 @@ class FinetuneTask(Task):
 
     def __init__(self, cfg: FinetuneRun, device: torch.device, data=None, init=None, teacher=None):
         from e2ediff.assets import TrainingData, class_index_table, load_pipeline
-        from e2ediff.schedules import ddim_timesteps
-        from e2ediff.schedules import lcm_timesteps, pixart_lcm_timesteps
+        from e2ediff.schedules import ddim_timesteps, lcm_timesteps, pixart_lcm_timesteps
 
         self.cfg = cfg
         self.device = device
