@@ -50,16 +50,23 @@ k24)   # the adversarial recipe with K drawn from {1, 2, 4} vs from {2, 4}: does
   evaluate student $LCM
   for name in adversarial_mix124 adversarial_mix24; do evaluate $name "$R/$name/model.safetensors"; done
   ;;
-teacher)   # does regressing base/e2e's samples onto the guided teacher's ODE endpoints (the same noise, the chain's w)
-  # move K = 2 and 4 toward the teacher (val FD 1.10, alignment 0.937 at DDIM-32, w = 1.5)? No other loss term.
+teacher)   # does regressing base/e2e's samples onto the guided teacher's endpoints (the chain's w) move K = 2 and 4
+  # toward the teacher (val FD 1.10, alignment 0.937 at DDIM-32, w = 1.5)? No other loss term. Rows: teacher16, the
+  # ODE endpoint from z_T (DDIM-16); teacher16r, the teacher in the student's sampler with its re-noise draws
+  # (loss.teacher_renoise). ROWS picks rows; rows and scores already in $R are kept.
   # TEACHER: the base teacher (not shipped; `git show 0ae16b9:checkpoints/base/teacher.safetensors > FILE`).
   T=${TEACHER:-$R/teacher.safetensors}; INIT=checkpoints/base/e2e.safetensors
   [ -f "$T" ] || git show 0ae16b9:checkpoints/base/teacher.safetensors > "$T"
-  $E finetune --preset base --run-dir "$R/teacher16" init=$INIT $COMMON w_range=[1.0,2.0] loss.energy=0 \
-    loss.anchor=10 loss.anchor_to=teacher loss.teacher="$T" loss.teacher_steps=16 > "$R/teacher16.log" 2>&1
+  for name in ${ROWS:-teacher16 teacher16r}; do
+    x=""; [ "$name" = teacher16r ] && x="loss.teacher_renoise=true"
+    [ -f "$R/$name/model.safetensors" ] || $E finetune --preset base --run-dir "$R/$name" init=$INIT $COMMON \
+      w_range=[1.0,2.0] loss.energy=0 loss.anchor=10 loss.anchor_to=teacher loss.teacher="$T" \
+      loss.teacher_steps=16 $x > "$R/$name.log" 2>&1
+  done
   for k in 2 4; do
-    for name in start teacher16; do
+    for name in start ${ROWS:-teacher16 teacher16r}; do
       model=$INIT; [ $name = start ] || model=$R/$name/model.safetensors
+      [ -f "$R/eval_${name}_k${k}_val.json" ] && continue
       $E evaluate --checkpoint "$model" --steps $k --num-samples "$N" --split val --device cpu --w 1.5 \
         --output "$R/eval_${name}_k${k}_val.json" 2>&1 | tail -n 1 | sed "s/^/$name K=$k: /"
     done

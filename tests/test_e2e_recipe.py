@@ -769,3 +769,57 @@ def test_compiled_training_compiles_the_anchors_network_without_cuda_graphs(tmp_
         for k, v in exports[target, "no"].items():
             torch.testing.assert_close(exports[target, "reduce-overhead"][k], v, rtol=1e-5, atol=1e-6)
     assert any(not torch.equal(exports["teacher", "no"][k], exports["init", "no"][k]) for k in exports["init", "no"])
+
+
+def test_teacher_renoise_target_runs_the_students_sampler_with_the_teachers_ode_solve(tmp_path, monkeypatch):
+    """loss.teacher_renoise: the target = the student's K-step VP sampler with the same timesteps and re-noise draws,
+    each step's x0 the teacher's guided DDIM solve to 0 — recomputed here chain by chain in float64 from the ᾱ table;
+    K = 1 is the plain ODE endpoint."""
+    import e2ediff.e2e as e2e_module
+    from e2ediff.samplers import ddim
+
+    seen = {}
+    step = e2e_module.e2e_step
+
+    def record_step(*a, **k):
+        seen.update(z_T=k["z_T"].clone(), w=k["w"].clone(), cond=a[3], timesteps=k["timesteps"],
+                    noises=[n.clone() for n in k["noises"]])
+        return step(*a, **k)
+    monkeypatch.setattr(e2e_module, "e2e_step", record_step)
+    for k_steps in (2, 1):
+        cfg = gan_run(tmp_path, 1, loss=dict(anchor=1.0, anchor_to="teacher", teacher="teacher.safetensors",
+                                             teacher_steps=4, teacher_renoise=True), w_range=(1.0, 2.0))
+        cfg = dataclasses.replace(cfg, sampler_steps=k_steps)
+        teacher = teacher_pipeline()
+        task = FinetuneTask(cfg, torch.device("cpu"), data=StandInData(), init=student_pipeline(), teacher=teacher)
+        sample = task.teacher_sample
+
+        def record_target(*a, **k):
+            seen["target"] = sample(*a, **k).double()
+            return seen["target"]
+        monkeypatch.setattr(task, "teacher_sample", record_target)
+        task.losses(0, torch.Generator().manual_seed(7))
+        ref = Denoiser(copy.deepcopy(teacher.denoiser.net).double(), SCHEDULE, "eps")
+        grid, abar = task.teacher_timesteps, SCHEDULE.alphas_cumprod.double()
+        cond = seen["cond"].repeat_interleave(cfg.samples_per_caption)
+        rows, plain = [], []
+        for i in range(len(seen["z_T"])):
+            one, w = cond[i:i + 1].to(dtype=torch.float64), float(seen["w"][i])
+            z = seen["z_T"][i:i + 1].double()
+            plain.append(ddim(ref, z, grid, one, guidance=w))
+            for j, t in enumerate(seen["timesteps"]):
+                x0 = ddim(ref, z, [t] + [s for s in grid if s < t], one, guidance=w)
+                if j + 1 < len(seen["timesteps"]):
+                    a = abar[seen["timesteps"][j + 1]]
+                    z = a.sqrt() * x0 + (1 - a).sqrt() * seen["noises"][j][i:i + 1].double()
+            rows.append(x0)
+        torch.testing.assert_close(seen["target"], torch.cat(rows), rtol=1e-5, atol=1e-5)
+        if k_steps == 1:
+            torch.testing.assert_close(seen["target"], torch.cat(plain), rtol=1e-5, atol=1e-5)
+        else:     # the re-noise draws matter: the plain endpoint is another target
+            assert seen["timesteps"] == lcm_timesteps(2) and (torch.cat(plain) - seen["target"]).abs().max() > 1e-3
+    with pytest.raises(ConfigError, match="loss.teacher_renoise"):
+        validate(FinetuneRun(init="x", loss=E2ELoss(gan=1.0, energy=0.0, teacher_renoise=True)))
+    with pytest.raises(ConfigError, match="loss.teacher_renoise"):
+        validate(FinetuneRun(init="x", renoise="ve", loss=E2ELoss(anchor=1.0, anchor_to="teacher", teacher="t",
+                                                                 teacher_renoise=True)))

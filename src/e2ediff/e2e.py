@@ -60,6 +60,11 @@ class E2ELoss:
                                          # (DDIM, guidance at each chain's w: DMD2's regression loss, here in latents)
     teacher: str = ""                    # anchor_to=teacher: the teacher pipeline file (same autoencoder as init)
     teacher_steps: int = 32              # DDIM steps of the teacher's sample (64 network calls with guidance)
+    teacher_renoise: bool = False        # the teacher runs the student's K-step sampler — its timesteps and the chain's
+                                         # K − 1 re-noise draws — with its guided DDIM solve to t = 0 as each step's
+                                         # x0; the target is then a function of the same noises as the student's
+                                         # sample (the plain ODE endpoint sees only z_T, and an L2 fit to it averages
+                                         # over the re-noise draws at K >= 2)
     coupling: Literal["independent", "minibatch_ot"] = "independent"  # pairing of outputs with targets (L1/L2/LPIPS)
 
     def validate(self) -> None:
@@ -79,6 +84,8 @@ class E2ELoss:
             _check(self.teacher_steps >= 1, "loss.teacher_steps", self.teacher_steps, ">= 1")
             _check(self.anchor_refresh == 0, "loss.anchor_refresh", self.anchor_refresh,
                    "0 when loss.anchor_to=teacher (the teacher does not move)")
+        _check(not self.teacher_renoise or self.anchor_to == "teacher", "loss.teacher_renoise", self.teacher_renoise,
+               "false unless loss.anchor_to=teacher")
         _check(not self.gan_group_std or self.gan > 0, "loss.gan_group_std", self.gan_group_std,
                "false unless loss.gan > 0 (there is no discriminator to show the spread to)")
         _check(self.l1 + self.l2 + self.lpips + self.energy + self.gan > 0 or
@@ -145,6 +152,8 @@ class FinetuneRun:
                "0 unless loss.gan > 0 (there is no discriminator to warm up)")
         _check(self.w_range is None or (0 < self.w_range[0] <= self.w_range[1]), "w_range", self.w_range,
                "None or [lo, hi] with 0 < lo <= hi")
+        _check(not self.loss.teacher_renoise or self.renoise == "vp", "loss.teacher_renoise", self.loss.teacher_renoise,
+               "false unless renoise=vp (the teacher re-noises as the VP sampler does)")
 
 
 # The miniature's LPIPS / feature network (SimCLR, VGG-like; never the evaluation classifier), shipped in the repo.
@@ -512,7 +521,8 @@ class FinetuneTask(Task):
             if cfg.loss.anchor > 0:         # the target for the same noises and w: the frozen starting model's
                 with torch.no_grad():       # sample, or the teacher's guided ODE endpoint from the same z_T
                     if self.teacher is not None:
-                        anchor = self.teacher_sample(z_T, cond.repeat_interleave(m), w)
+                        anchor = self.teacher_sample(z_T, cond.repeat_interleave(m), w,
+                                                     (timesteps, noises) if cfg.loss.teacher_renoise else None)
                     else:
                         _, anchor = e2e_step(self.init.denoiser, self.init.autoencoder, images, cond,
                                              timesteps=timesteps, m=m, generator=None, renoise=cfg.renoise, w=w,
@@ -543,13 +553,28 @@ class FinetuneTask(Task):
         return [self.teacher.denoiser.net if self.teacher is not None else self.init.net]
 
     @torch.no_grad()
-    def teacher_sample(self, z_T: Tensor, cond: TextCond, w: float | Tensor | None) -> Tensor:
+    def teacher_sample(self, z_T: Tensor, cond: TextCond, w: float | Tensor | None,
+                       renoise: tuple[list[int], list[Tensor]] | None = None) -> Tensor:
         """The teacher's deterministic DDIM sample from z_T [B·m, ...] (cond per chain), classifier-free guided at each
-        chain's w (the scale the student was distilled to embed; 1 when it embeds none)."""
+        chain's w (the scale the student was distilled to embed; 1 when it embeds none).
+        renoise = (the student's timesteps t_0 > … > t_{K−1}, its K − 1 re-noise draws): the teacher takes the
+        student's place in its sampler: at each t_i its x0 is the guided DDIM solve from z_{t_i} to 0 (on the
+        teacher's grid below t_i), then z_{t_{i+1}} = sqrt(ᾱ)·x0 + sqrt(1 − ᾱ)·ε_i, as the VP re-noise."""
         from e2ediff.samplers import ddim
 
         scale = 1.0 if w is None else w
-        return ddim(self.teacher.denoiser, z_T, self.teacher_timesteps, cond, guidance=scale).to(z_T.dtype)
+        if renoise is None:
+            return ddim(self.teacher.denoiser, z_T, self.teacher_timesteps, cond, guidance=scale).to(z_T.dtype)
+        timesteps, noises = renoise
+        z = z_T
+        for i, t in enumerate(timesteps):
+            path = [t] + [s for s in self.teacher_timesteps if s < t]
+            x0 = ddim(self.teacher.denoiser, z, path, cond, guidance=scale)
+            if i + 1 < len(timesteps):
+                a, s = self.schedule.alpha_sigma(torch.tensor(float(timesteps[i + 1]), device=z.device), z.dtype,
+                                                 z.ndim)
+                z = a * x0 + s * noises[i]
+        return x0.to(z_T.dtype)
 
     @torch.no_grad()
     def after_step(self, step):
