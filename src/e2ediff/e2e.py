@@ -563,9 +563,8 @@ class FinetuneTask(Task):
         from e2ediff.samplers import ddim
 
         scale = 1.0 if w is None else w
-        if renoise is None:
-            return ddim(self.teacher.denoiser, z_T, self.teacher_timesteps, cond, guidance=scale).to(z_T.dtype)
-        timesteps, noises = renoise
+        # without renoise: one step from the grid's first timestep (T − 1), i.e. the plain DDIM solve from z_T
+        timesteps, noises = renoise if renoise is not None else (self.teacher_timesteps[:1], [])
         z = z_T
         for i, t in enumerate(timesteps):
             path = [t] + [s for s in self.teacher_timesteps if s < t]
