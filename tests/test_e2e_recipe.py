@@ -823,3 +823,56 @@ def test_teacher_renoise_target_runs_the_students_sampler_with_the_teachers_ode_
     with pytest.raises(ConfigError, match="loss.teacher_renoise"):
         validate(FinetuneRun(init="x", renoise="ve", loss=E2ELoss(anchor=1.0, anchor_to="teacher", teacher="t",
                                                                  teacher_renoise=True)))
+
+
+@pytest.mark.parametrize("anchor_to", ["teacher", "init"])
+def test_anchor_samples_takes_each_captions_first_chains_with_the_same_targets(tmp_path, monkeypatch, anchor_to):
+    """loss.anchor_samples=2 of m = 3: the target of each kept chain equals the all-chains run's (same generator: the
+    same noises, w and samples), and the logged anchor is the float64 mean over the kept chains only."""
+    import e2ediff.e2e as e2e_module
+
+    m, a, batch = 3, 2, 4
+    extra = dict(anchor_to="teacher", teacher="teacher.safetensors", teacher_steps=3, teacher_renoise=True)
+    step = e2e_module.e2e_step
+
+    def run(samples):
+        seen = []
+
+        def record_step(*args, **k):    # the student's chain, then (anchor_to=init) the starting model's
+            z0, z0_hat = step(*args, **k)
+            seen.append(dict(z_T=k["z_T"].clone(), out=z0_hat.detach().double()))
+            return z0, z0_hat
+        monkeypatch.setattr(e2e_module, "e2e_step", record_step)
+        loss = dict(anchor=1.0, anchor_samples=samples, **(extra if anchor_to == "teacher" else {}))
+        cfg = dataclasses.replace(gan_run(tmp_path, 1, loss=loss, w_range=(1.0, 2.0)), samples_per_caption=m)
+        perturbed = student_pipeline()                  # the starting model differs from the network: anchor > 0
+        with torch.no_grad():
+            for p in perturbed.net.parameters():
+                p.add_(0.05 * torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())))
+        task = FinetuneTask(cfg, torch.device("cpu"), data=StandInData(), init=perturbed,
+                            teacher=teacher_pipeline() if anchor_to == "teacher" else None)
+        task.parts[0].module.load_state_dict(student_pipeline().net.state_dict())
+        if anchor_to == "teacher":
+            sample = task.teacher_sample
+
+            def record_target(*args, **k):
+                seen.append(dict(z_T=args[0].clone(), out=sample(*args, **k).double()))
+                return seen[-1]["out"]
+            monkeypatch.setattr(task, "teacher_sample", record_target)
+        _, logs = task.losses(0, torch.Generator().manual_seed(7))
+        return seen, logs
+
+    full, _ = run(0)
+    part, logs = run(a)
+    keep = torch.arange(batch * m).view(batch, m)[:, :a].flatten()
+    assert len(full) == len(part) == 2 and full[1]["out"].shape[0] == batch * m and part[1]["out"].shape[0] == batch * a
+    torch.testing.assert_close(part[0]["out"], full[0]["out"])                     # the student's samples: all chains
+    torch.testing.assert_close(part[1]["z_T"], full[1]["z_T"][keep], rtol=0, atol=0)
+    torch.testing.assert_close(part[1]["out"], full[1]["out"][keep], rtol=1e-4, atol=1e-4)   # float32, other batch
+    want = (part[0]["out"][keep] - full[1]["out"][keep]).square().mean()
+    assert want > 1e-6
+    torch.testing.assert_close(logs["anchor"].double(), want, rtol=1e-4, atol=0)
+    with pytest.raises(ConfigError, match="loss.anchor_samples"):
+        validate(FinetuneRun(init="x", samples_per_caption=2, loss=E2ELoss(anchor=1.0, anchor_samples=3)))
+    with pytest.raises(ConfigError, match="loss.anchor_samples"):
+        validate(FinetuneRun(init="x", loss=E2ELoss(anchor=1.0, anchor_samples=-1)))

@@ -65,6 +65,10 @@ class E2ELoss:
                                          # x0; the target is then a function of the same noises as the student's
                                          # sample (the plain ODE endpoint sees only z_T, and an L2 fit to it averages
                                          # over the re-noise draws at K >= 2)
+    anchor_samples: int = 0              # > 0: the anchor on the first this many of each caption's m chains only
+                                         # (an unbiased estimate of the same term; the teacher's or the starting
+                                         # model's sample costs this many / m of the chains' — the teacher's guided
+                                         # ODE solves dominate a step otherwise); 0: all m
     coupling: Literal["independent", "minibatch_ot"] = "independent"  # pairing of outputs with targets (L1/L2/LPIPS)
 
     def validate(self) -> None:
@@ -76,6 +80,7 @@ class E2ELoss:
                "0 unless loss.anchor > 0 (there is no anchor to decay)")
         _check(self.anchor_refresh == 0 or (self.anchor > 0 and self.anchor_decay == 0), "loss.anchor_refresh",
                self.anchor_refresh, "0 unless loss.anchor > 0 and loss.anchor_decay = 0 (one schedule for the anchor)")
+        _check(self.anchor_samples >= 0, "loss.anchor_samples", self.anchor_samples, ">= 0 (0: all m chains)")
         _check(self.anchor_to in ("init", "teacher"), "loss.anchor_to", self.anchor_to, "init or teacher")
         if self.anchor_to == "teacher":
             _check(self.anchor > 0, "loss.anchor", self.anchor, "> 0 when loss.anchor_to=teacher (its weight)")
@@ -147,6 +152,8 @@ class FinetuneRun:
         _check(mix is None or self.truncate == 0, "sampler_steps_mix", mix, "None when truncate > 0")
         _check(not self.loss.gan_group_std or self.samples_per_caption >= 2, "samples_per_caption",
                self.samples_per_caption, ">= 2 when loss.gan_group_std (a group is one caption's samples)")
+        _check(self.loss.anchor_samples <= self.samples_per_caption, "loss.anchor_samples", self.loss.anchor_samples,
+               f"<= samples_per_caption ({self.samples_per_caption}): the chains of a caption the anchor sees")
         _check(self.disc_warmup >= 0, "disc_warmup", self.disc_warmup, ">= 0")
         _check(self.disc_warmup == 0 or self.loss.gan > 0, "disc_warmup", self.disc_warmup,
                "0 unless loss.gan > 0 (there is no discriminator to warm up)")
@@ -519,16 +526,23 @@ class FinetuneTask(Task):
             last = self.parts[0].module.final_layer.linear.weight if cfg.loss.gan_adaptive else None
             per_image, logs = self.objective(z0_hat, z0, images, cond, groups, m, last, bank)
             if cfg.loss.anchor > 0:         # the target for the same noises and w: the frozen starting model's
-                with torch.no_grad():       # sample, or the teacher's guided ODE endpoint from the same z_T
+                a = cfg.loss.anchor_samples or m     # sample, or the teacher's guided ODE solve, on a chains a caption
+
+                def first(x):               # each caption's first a of its m chains (a float w is everyone's)
+                    if a == m or not isinstance(x, Tensor):
+                        return x
+                    return x.unflatten(0, (len(images), m))[:, :a].flatten(0, 1)
+                z_T_a, noises_a, w_a = first(z_T), [first(n) for n in noises], first(w)
+                with torch.no_grad():
                     if self.teacher is not None:
-                        anchor = self.teacher_sample(z_T, cond.repeat_interleave(m), w,
-                                                     (timesteps, noises) if cfg.loss.teacher_renoise else None)
+                        anchor = self.teacher_sample(z_T_a, cond.repeat_interleave(a), w_a,
+                                                     (timesteps, noises_a) if cfg.loss.teacher_renoise else None)
                     else:
                         _, anchor = e2e_step(self.init.denoiser, self.init.autoencoder, images, cond,
-                                             timesteps=timesteps, m=m, generator=None, renoise=cfg.renoise, w=w,
+                                             timesteps=timesteps, m=a, generator=None, renoise=cfg.renoise, w=w_a,
                                              checkpoint=False, timestep_scaling=self.timestep_scaling, z0=z0,
-                                             z_T=z_T, noises=noises)
-                term = (z0_hat - anchor).float().square().flatten(1).mean(1).view(len(images), m).mean(1)
+                                             z_T=z_T_a, noises=noises_a)
+                term = (first(z0_hat) - anchor).float().square().flatten(1).mean(1).view(len(images), a).mean(1)
                 weight = anchor_weight(cfg.loss, step, cfg.disc_warmup)
                 per_image, logs["anchor"] = per_image + weight * term, term.detach().mean()
                 logs["anchor_weight"] = torch.tensor(weight)
