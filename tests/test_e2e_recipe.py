@@ -446,6 +446,10 @@ def test_every_finetune_preset_is_a_valid_run():
     from e2ediff.e2e import PRESETS
 
     for name, preset in PRESETS.items():
+        if preset.loss.anchor_to == "teacher":                # the teacher file is the user's to name
+            with pytest.raises(ConfigError, match="loss.teacher"):
+                validate(dataclasses.replace(preset, init="student.safetensors"))
+            preset = dataclasses.replace(preset, loss=dataclasses.replace(preset.loss, teacher="teacher.safetensors"))
         validate(dataclasses.replace(preset, init="student.safetensors"))
     anchored = PRESETS["anchored"]
     assert anchored.loss.anchor > 0 and anchored.disc_warmup > 0 and anchored.loss.gan > 0
@@ -453,6 +457,13 @@ def test_every_finetune_preset_is_a_valid_run():
     two = PRESETS["anchored-2step"]
     assert two == dataclasses.replace(anchored, sampler_steps=2, sampler_steps_mix=None,
                                       train=dataclasses.replace(anchored.train, steps=two.train.steps))
+    # round 9's third stage (base/e2e): `anchored` with the anchor on the teacher in the student's sampler
+    teacher = PRESETS["teacher-anchored"]
+    assert teacher == dataclasses.replace(
+        anchored, disc_warmup=250,
+        loss=dataclasses.replace(anchored.loss, anchor_to="teacher", teacher_steps=16, teacher_renoise=True,
+                                 anchor_samples=1),
+        train=dataclasses.replace(anchored.train, steps=900, checkpoint_every=450))
 
 
 def test_checkpointing_except_last_is_a_finetune_option_with_the_same_result(tmp_path):

@@ -47,7 +47,8 @@ def from_scratch(out: Path) -> dict[str, Path]:
 def shipped_models() -> tuple[dict[str, Path], list[tuple[str, Path]]]:
     models = {"lcm": SHIPPED / "base" / "lcm.safetensors", "classifier": SHIPPED / "classifier",
               "lpips": SHIPPED / "lpips_fashion.safetensors"}
-    extra = [("E2E, shipped (anchored adversarial, two stages, best on val)", SHIPPED / "base" / "e2e.safetensors"),
+    extra = [("E2E, shipped (anchored adversarial, three stages, the last anchored to the guided teacher)",
+              SHIPPED / "base" / "e2e.safetensors"),
              ("E2E two-step, shipped (anchored, K = 2 only, two stages; best at K = 2 on val)",
               SHIPPED / "base" / "e2e_2step.safetensors"),
              ("E2E one-step, shipped (best at K = 1 on val)", SHIPPED / "base" / "e2e_1step.safetensors")]

@@ -217,6 +217,17 @@ PRESETS = {
 # A second stage from that file (round 7, 3 seeds, ~4,120 more steps): 0.70x, alignment 0.911 — base/e2e_2step.
 PRESETS["anchored-2step"] = replace(PRESETS["anchored"], sampler_steps=2, sampler_steps_mix=None,
                                     train=replace(PRESETS["anchored"].train, steps=4500))
+# `anchored` with the anchor's target moved to the guided teacher run inside the student's own K-step sampler (its
+# timesteps and re-noise draws, the teacher's DDIM-16 solve to 0 as each step's x0), on 1 of each caption's 4 chains;
+# 250 discriminator-only steps. Set loss.teacher= the teacher file (it must share the init's autoencoder). Round 9
+# (docs/results.md, 2026-12-06, 3 seeds, 900 steps from base/e2e of round 7, test): K = 2 FD 0.75-0.76x the student's
+# with alignment 0.921-0.928 (>= the student's 0.918, which no K-mix model had reached), K = 4 0.65-0.71x with
+# alignment 0.935-0.940, K = 1 0.94-0.97x — the shipped base/e2e (seed 1, best on val).
+PRESETS["teacher-anchored"] = replace(
+    PRESETS["anchored"], disc_warmup=250,
+    loss=replace(PRESETS["anchored"].loss, anchor_to="teacher", teacher_steps=16, teacher_renoise=True,
+                 anchor_samples=1),
+    train=replace(PRESETS["anchored"].train, steps=900, checkpoint_every=450))
 
 
 def check_same_latent_space(teacher, init, teacher_name: str, init_name: str) -> None:
