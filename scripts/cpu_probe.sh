@@ -55,15 +55,17 @@ teacher)   # does regressing base/e2e's samples onto the guided teacher's endpoi
   # ODE endpoint from z_T (DDIM-16); teacher16r, the teacher in the student's sampler with its re-noise draws
   # (loss.teacher_renoise). ROWS picks rows; rows and scores already in $R are kept.
   # TEACHER: the base teacher (not shipped; `git show 0ae16b9:checkpoints/base/teacher.safetensors > FILE`).
-  T=${TEACHER:-$R/teacher.safetensors}; INIT=checkpoints/base/e2e.safetensors
+  # INIT: the starting file (default base/e2e); X: more overrides, e.g. X="sampler_steps=2 sampler_steps_mix=null"
+  # with INIT=checkpoints/base/e2e_2step.safetensors for the two-step model.
+  T=${TEACHER:-$R/teacher.safetensors}; INIT=${INIT:-checkpoints/base/e2e.safetensors}
   [ -f "$T" ] || git show 0ae16b9:checkpoints/base/teacher.safetensors > "$T"
   for name in ${ROWS:-teacher16 teacher16r}; do
     x=""; [ "$name" = teacher16r ] && x="loss.teacher_renoise=true"
     [ -f "$R/$name/model.safetensors" ] || $E finetune --preset base --run-dir "$R/$name" init=$INIT $COMMON \
       w_range=[1.0,2.0] loss.energy=0 loss.anchor=10 loss.anchor_to=teacher loss.teacher="$T" \
-      loss.teacher_steps=16 $x > "$R/$name.log" 2>&1
+      loss.teacher_steps=16 $x ${X:-} > "$R/$name.log" 2>&1
   done
-  for k in 2 4; do
+  for k in ${KS:-2 4}; do
     for name in start ${ROWS:-teacher16 teacher16r}; do
       model=$INIT; [ $name = start ] || model=$R/$name/model.safetensors
       [ -f "$R/eval_${name}_k${k}_val.json" ] && continue

@@ -13,7 +13,8 @@
 #   STAGE=group bash scripts/gpu/quality_probe.sh      # round 7: the shipped models trained on (re-anchored), and
 #                                                      #   the minibatch-std discriminator (loss.gan_group_std)
 #   STAGE=spread bash scripts/gpu/quality_probe.sh     # round 8: a third stage + the energy distance (real bank)
-#   STAGE=teacher bash scripts/gpu/quality_probe.sh    # the anchor to the guided teacher's ODE endpoint (see its block)
+#   STAGE=teacher bash scripts/gpu/quality_probe.sh    # round 9: the anchor to the guided teacher in the student's
+#                                                      #   sampler (`--preset teacher-anchored`; see its block)
 #   STAGE=refresh bash scripts/gpu/quality_probe.sh    # the anchor refreshed to the EMA every REFRESH steps (not run
 #                                                      #   on a GPU yet: built and tested in the sixth session)
 #   STAGE=confirm SPLIT=test EVAL_N=10000 STEPS=800 ... # `adversarial` x 3 seeds, with and without K = 1
@@ -300,7 +301,12 @@ if [[ "${STAGE:-all}" == teacher ]]; then   # round 9: the anchor's target is th
   # docs/figures (~20 MB) + carry=["checkpoints/base/teacher.safetensors", ".gpu/fashion-mnist", ".gpu/cache-p"]
   # (43 MB) fits 64 MiB; the next call on the warm machine carries base/lcm back (the student's rows).
   #   FAST="train.compile=reduce-overhead checkpointing=false" STAGE=teacher ROW_SECONDS=400 ROW_KS= FINAL=1 ...
+  # K2_INIT: the k2 rows' starting file (default base/e2e). To start them from base/e2e_2step, that call keeps
+  # e2e_2step in the tree and moves e2e out (the 64 MiB fit the same) and runs only k2 rows. STUDENT_EVALS: a folder
+  # of the student's eval_student_k*_{val,test}.json (a call without base/lcm: rounds 7-8's rows agree to 1e-10),
+  # copied into $R so that the val choice by the bar has its reference.
   A=$KEEP; T=${TEACHER:-checkpoints/base/teacher.safetensors}; BAR=${BAR-1}
+  [ -z "${STUDENT_EVALS:-}" ] || cp -n "$STUDENT_EVALS"/eval_student_k*.json "$R"/
   [ -f "$T" ] || { echo "teacher: $T not here" >&2; exit 2; }
   for g in ${TEACHER_EVAL_STEPS:-}; do   # the teacher's own DDIM-g sample at w = 1.5 (its target quality), K = 4 slot
     [ -f "$R/eval_teacher_ddim${g}_k4_$SPLIT.json" ] || $E evaluate --checkpoint "$T" --classifier "$CLS" \
@@ -316,9 +322,10 @@ if [[ "${STAGE:-all}" == teacher ]]; then   # round 9: the anchor's target is th
   for spec in ${TEACHER_ROWS:-mix:16:10:0 mix:16:10:1 mix:16:10:2 k2:16:10:0 k2:16:10:1 k2:16:10:2 mix:16:3:0 k2:16:3:0}; do
     IFS=: read -r fam steps lam seed chains <<< "$spec"
     name=${fam}t${steps}a${lam}_s$seed; preset=anchored; x="loss.teacher_renoise=true loss.anchor_samples=${chains:-1}"
-    [[ $fam == k2* ]] && preset=anchored-2step
+    init=checkpoints/base/e2e.safetensors
+    [[ $fam == k2* ]] && preset=anchored-2step && init=${K2_INIT:-$init}
     [[ $fam == *p ]] && x=""
-    (PRESET=$preset INIT=checkpoints/base/e2e.safetensors row "$name" $A loss.anchor="$lam" loss.anchor_to=teacher \
+    (PRESET=$preset INIT=$init row "$name" $A loss.anchor="$lam" loss.anchor_to=teacher \
        loss.teacher="$T" loss.teacher_steps="$steps" $x train.seed="$seed"; final "$name"; save) &
   done
   wait
