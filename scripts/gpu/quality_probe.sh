@@ -291,16 +291,19 @@ fi
 if [[ "${STAGE:-all}" == teacher ]]; then   # round 9: the anchor's target is the guided 32-step teacher's ODE endpoint
   # from the chain's own noise (loss.anchor_to=teacher; DMD2's regression loss), not the starting model's sample.
   # Round 8: the teacher at w = 1.5 (test FD 1.03, alignment 0.938) is better than every few-step model. TEACHER_ROWS:
-  # FAMILY:TEACHER_STEPS:λ:SEED, FAMILY mix (`anchored` from base/e2e) or k2 (`anchored-2step`, also from base/e2e:
-  # the teacher file and the data leave no room in a call for base/e2e_2step). TEACHER: the base teacher, not shipped
+  # FAMILY:TEACHER_STEPS:λ:SEED[:CHAINS], FAMILY mix (`anchored` from base/e2e) or k2 (`anchored-2step`, from
+  # K2_INIT). Round 9 (this session's shipped base/e2e): mix:16:10:{0,1,2}, 900 steps, see docs/results.md; the
+  # recipe is `--preset teacher-anchored`. TEACHER: the base teacher, not shipped
   # and ignored by git; made beside the shipped autoencoder so that it shares it (10.8 MB instead of 15.6):
   #   git show 0ae16b9:checkpoints/base/teacher.safetensors > /tmp/teacher.safetensors
   #   e2ediff convert /tmp/teacher.safetensors checkpoints/base/teacher.safetensors \
   #     --share-autoencoder checkpoints/base/autoencoder.safetensors
   # First call (measured 2026-12-06): the tree without base/lcm, base/e2e_1step, base/e2e_2step, docs/results and
   # docs/figures (~20 MB) + carry=["checkpoints/base/teacher.safetensors", ".gpu/fashion-mnist", ".gpu/cache-p"]
-  # (43 MB) fits 64 MiB; the next call on the warm machine carries base/lcm back (the student's rows).
-  #   FAST="train.compile=reduce-overhead checkpointing=false" STAGE=teacher ROW_SECONDS=400 ROW_KS= FINAL=1 ...
+  # (43 MB) fits 64 MiB (63.6 MB in all); round 9's second call, which made base/e2e, added .gpu/student-r8:
+  #   STUDENT_EVALS=.gpu/student-r8 FAST="train.compile=reduce-overhead checkpointing=false" STAGE=teacher \
+  #     TEACHER_ROWS="mix:16:10:0 mix:16:10:1 mix:16:10:2" ROW_SECONDS=320 ROW_KS= FINAL=1 EVAL_EVERY=450 \
+  #     SNAP_MIN=500 EVAL_N=5000 LONG_X="disc_warmup=250" bash scripts/gpu/quality_probe.sh
   # K2_INIT: the k2 rows' starting file (default base/e2e). To start them from base/e2e_2step, that call keeps
   # e2e_2step in the tree and moves e2e out (the 64 MiB fit the same) and runs only k2 rows. STUDENT_EVALS: a folder
   # of the student's eval_student_k*_{val,test}.json (a call without base/lcm: rounds 7-8's rows agree to 1e-10),
