@@ -23,7 +23,12 @@ def finetune(*overrides: str):
 
 @pytest.mark.parametrize("command,preset", ALL_PRESETS, ids=[f"{c}-{p}" for c, p in ALL_PRESETS])
 def test_presets_resolve_and_round_trip_through_yaml(command, preset, tmp_path):
-    cfg = resolve(MODULES[command].PRESETS[preset], overrides=REQUIRED[command])
+    required = list(REQUIRED[command])
+    if command == "finetune" and e2e.PRESETS[preset].loss.anchor_to == "teacher":   # the user names the teacher
+        with pytest.raises(ConfigError, match="loss.teacher"):
+            resolve(MODULES[command].PRESETS[preset], overrides=required)
+        required.append("loss.teacher=teacher.safetensors")
+    cfg = resolve(MODULES[command].PRESETS[preset], overrides=required)
     path = tmp_path / "config.yaml"
     dump_yaml(cfg, path, command=command)
     data = yaml.safe_load(path.read_text())
