@@ -321,7 +321,7 @@ if [[ "${STAGE:-all}" == teacher ]]; then   # round 9: the anchor's target is th
   # CPU probe of 2026-12-06: the plain ODE endpoint made K = 2 / 4 2.7x / 2.6x worse in 100 steps, the re-noised
   # target took K = 2 to 0.87x with alignment +0.017); a FAMILY ending in p (mixp, k2p) uses the plain endpoint.
   # A spec's fifth field: loss.anchor_samples (the teacher's target on that many of each caption's m = 4 chains;
-  # default 1: the teacher's guided solves cost ~8x the student's K-step step with all 4).
+  # default 1: by call count the teacher's guided solves cost several student steps with all 4).
   for spec in ${TEACHER_ROWS:-mix:16:10:0 mix:16:10:1 mix:16:10:2 k2:16:10:0 k2:16:10:1 k2:16:10:2 mix:16:3:0 k2:16:3:0}; do
     IFS=: read -r fam steps lam seed chains <<< "$spec"
     name=${fam}t${steps}a${lam}_s$seed; preset=anchored; x="loss.teacher_renoise=true loss.anchor_samples=${chains:-1}"
