@@ -198,7 +198,8 @@ PRESETS = {
     # the starting model's own sample from the same noises (λ 10), lr 1e-5 and a slow EMA (0.999). Test FD after
     # ~3,000 steps, mean of 3 seeds: 0.92x / 0.85x / 0.71x the student's at K = 1 / 2 / 4, alignment equal or higher
     # at K = 2 and 4. A second stage from that file (`init=` it, so the anchor moves to it; round 7, 3 seeds,
-    # 2,700-3,560 more steps): 0.88x / 0.82x / 0.64x, alignment equal at K = 4 — base/e2e until round 9 (its third stage: `teacher-anchored`).
+    # 2,700-3,560 more steps): 0.88x / 0.82x / 0.64x, alignment equal at K = 4 — base/e2e until round 9 (its third
+    # stage: `teacher-anchored`).
     "anchored": FinetuneRun(sampler_steps=4, sampler_steps_mix=(1, 2, 4), w_range=(1.0, 2.0), disc_warmup=500,
                             loss=E2ELoss(energy=0.0, gan=1.0, gan_space="features", r1=1.0, anchor=10.0,
                                          lpips_weights=SHIPPED_LPIPS),
