@@ -37,7 +37,10 @@ CLS=checkpoints/classifier; LP=checkpoints/lpips_fashion.safetensors; LCM=checkp
 E="python3 -m e2ediff"
 mkdir -p "$R" "$OUT"
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader 2>/dev/null || true
-save() { tar czf "$OUT/quality_rows.tgz" "$R"/*.json "$R"/*.log "$R"/*/metrics.jsonl "$R"/*/config.yaml 2>/dev/null; }
+save() {  # an evaluation's log is kept only when it has no JSON (a failure): a finished one repeats its JSON's line
+  local logs=() f
+  for f in "$R"/*.log; do [[ $f == */eval_*.log && -f ${f%.log}.json ]] || logs+=("$f"); done
+  tar czf "$OUT/quality_rows.tgz" "$R"/*.json "${logs[@]}" "$R"/*/metrics.jsonl "$R"/*/config.yaml 2>/dev/null; }
 
 SPLIT=${SPLIT:-val}   # choose on val; STAGE=confirm reports on test
 evaluate() {  # evaluate NAME MODEL K: one JSON row in $R/eval_NAME_kK_$SPLIT.json
