@@ -464,6 +464,9 @@ def test_every_finetune_preset_is_a_valid_run():
         loss=dataclasses.replace(anchored.loss, anchor_to="teacher", teacher_steps=16, teacher_renoise=True,
                                  anchor_samples=1),
         train=dataclasses.replace(anchored.train, steps=900, checkpoint_every=450))
+    # round 10's third stage of the two-step model (base/e2e_2step): the same with K fixed at 2, run longer
+    assert PRESETS["teacher-anchored-2step"] == dataclasses.replace(
+        teacher, sampler_steps=2, sampler_steps_mix=None, train=dataclasses.replace(teacher.train, steps=1300))
 
 
 def test_checkpointing_except_last_is_a_finetune_option_with_the_same_result(tmp_path):

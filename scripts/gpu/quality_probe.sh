@@ -308,7 +308,10 @@ if [[ "${STAGE:-all}" == teacher ]]; then   # round 9: the anchor's target is th
   #     TEACHER_ROWS="mix:16:10:0 mix:16:10:1 mix:16:10:2" ROW_SECONDS=320 ROW_KS= FINAL=1 EVAL_EVERY=450 \
   #     SNAP_MIN=500 EVAL_N=5000 LONG_X="disc_warmup=250" bash scripts/gpu/quality_probe.sh
   # K2_INIT: the k2 rows' starting file (default base/e2e). To start them from base/e2e_2step, that call keeps
-  # e2e_2step in the tree and moves e2e out (the 64 MiB fit the same) and runs only k2 rows. STUDENT_EVALS: a folder
+  # e2e_2step in the tree and moves e2e out (the 64 MiB fit the same) and runs only k2 rows. Round 10 (the shipped
+  # base/e2e_2step, docs/results/gpu-2026-12-06/quality-round10): K2_INIT=checkpoints/base/e2e_2step.safetensors
+  # TEACHER_ROWS="k2:16:10:0 k2:16:10:1 k2:16:10:2" ROW_SECONDS=380 SNAP_MIN=400, the rest as above; without the
+  # reference .npz files of .gpu/cache-p (the evaluator remakes them) to fit 64 MiB. STUDENT_EVALS: a folder
   # of the student's eval_student_k*_{val,test}.json (a call without base/lcm: rounds 7-8's rows agree to 1e-10),
   # copied into $R so that the val choice by the bar has its reference.
   A=$KEEP; T=${TEACHER:-checkpoints/base/teacher.safetensors}; BAR=${BAR-1}

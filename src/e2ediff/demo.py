@@ -49,7 +49,7 @@ def shipped_models() -> tuple[dict[str, Path], list[tuple[str, Path]]]:
               "lpips": SHIPPED / "lpips_fashion.safetensors"}
     extra = [("E2E, shipped (anchored adversarial, three stages, the last anchored to the guided teacher)",
               SHIPPED / "base" / "e2e.safetensors"),
-             ("E2E two-step, shipped (anchored, K = 2 only, two stages; best at K = 2 on val)",
+             ("E2E two-step, shipped (anchored, K = 2 only, three stages, the last anchored to the guided teacher)",
               SHIPPED / "base" / "e2e_2step.safetensors"),
              ("E2E one-step, shipped (best at K = 1 on val)", SHIPPED / "base" / "e2e_1step.safetensors")]
     for name, path in [*models.items(), *extra]:

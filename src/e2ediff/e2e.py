@@ -215,7 +215,8 @@ PRESETS = {
 # `anchored` with K fixed at 2 (the paper trains one model per K): every update goes to the two-step sampler.
 # Round 6 (docs/results.md, 2026-12-06, 3 seeds, ~4,370 steps): test FD 0.75x the student's at K = 2 (the K-mix
 # `anchored` model: 0.84x), alignment 0.916 vs 0.918, diversity 0.85; K = 1 and 4 are left to the other models.
-# A second stage from that file (round 7, 3 seeds, ~4,120 more steps): 0.70x, alignment 0.911 — base/e2e_2step.
+# A second stage from that file (round 7, 3 seeds, ~4,120 more steps): 0.70x, alignment 0.911 (base/e2e_2step until
+# round 10, whose third stage is `teacher-anchored-2step`).
 PRESETS["anchored-2step"] = replace(PRESETS["anchored"], sampler_steps=2, sampler_steps_mix=None,
                                     train=replace(PRESETS["anchored"].train, steps=4500))
 # `anchored` with the anchor's target moved to the guided teacher run inside the student's own K-step sampler (its
@@ -229,6 +230,12 @@ PRESETS["teacher-anchored"] = replace(
     loss=replace(PRESETS["anchored"].loss, anchor_to="teacher", teacher_steps=16, teacher_renoise=True,
                  anchor_samples=1),
     train=replace(PRESETS["anchored"].train, steps=900, checkpoint_every=450))
+# `teacher-anchored` with K fixed at 2: the third stage of the two-step model. Round 10 (docs/results.md, 2026-12-06,
+# 3 seeds, ~1,310 steps from base/e2e_2step of round 7, test): K = 2 FD 0.59-0.61x the student's with alignment
+# 0.932-0.935 (the student's 0.918) — the shipped base/e2e_2step (seed 2, best on val). K = 1 and 4 are left to the
+# other files (K = 4 0.89-0.90x; K = 1's alignment falls to 0.54-0.56).
+PRESETS["teacher-anchored-2step"] = replace(PRESETS["teacher-anchored"], sampler_steps=2, sampler_steps_mix=None,
+                                            train=replace(PRESETS["teacher-anchored"].train, steps=1300))
 
 
 def check_same_latent_space(teacher, init, teacher_name: str, init_name: str) -> None:
