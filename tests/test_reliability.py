@@ -439,11 +439,30 @@ def test_garbage_classifier_and_folder_outputs(fake_env, pipeline_files, tmp_pat
 
 
 def test_ctrl_c_during_start_up(tmp_path):
-    env = {**os.environ, "PYTHONPATH": str(SRC)}
+    # The signal must land inside the heavy imports whatever the machine's speed (a fixed sleep can miss them), so a
+    # sitecustomize on the child's path holds `import torch` open and marks the moment it starts; the signal is sent
+    # after the mark. The child starts with SIGINT at its default: a suite run as a background job (`pytest &`)
+    # inherits SIGINT ignored, and Python then installs no handler (seen 2026-12-06: the child ignored the signal).
+    hook, mark = tmp_path / "hook", tmp_path / "importing-torch"
+    hook.mkdir()
+    (hook / "sitecustomize.py").write_text(
+        "import importlib.abc, sys, time\n"
+        "class Hold(importlib.abc.MetaPathFinder):\n"
+        "    def find_spec(self, name, path=None, target=None):\n"
+        "        if name == 'torch':\n"
+        f"            open({str(mark)!r}, 'w').close()\n"
+        "            time.sleep(60)\n"
+        "        return None\n"
+        "sys.meta_path.insert(0, Hold())\n")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(hook), str(SRC)])}
     proc = subprocess.Popen([sys.executable, "-m", "e2ediff", "sample", "--checkpoint", "x", "--output",
-                             str(tmp_path / "s")], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    time.sleep(0.4)                                                  # inside `import torch`
-    proc.send_signal(signal.SIGINT)
+                             str(tmp_path / "s")], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    deadline = time.monotonic() + 60
+    while not mark.exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert mark.exists(), "the child never started importing torch"
+    proc.send_signal(signal.SIGINT)                                  # inside `import torch`
     _, err = proc.communicate(timeout=60)
     # 130, or death by SIGINT after the line was printed (seen once in CI on a loaded 2-core machine, 2026-12-06):
     # a shell reports both as status 130
