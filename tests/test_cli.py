@@ -92,6 +92,28 @@ def test_different_timesteps_give_different_samples(fake_env, pipeline_files, tm
     assert not np.array_equal(load_npz(tmp_path / "a")["images"], load_npz(tmp_path / "b")["images"])
 
 
+def test_guidance_interval_is_parsed_and_bad_values_name_the_option(fake_env, pipeline_files, tmp_path, capsys):
+    """The sampling itself is tested against a by-hand float64 loop (test_denoiser, test_e2e_recipe); here the option
+    reaches the sampler spec, and a malformed value is one error line naming it."""
+    from e2ediff import cli
+
+    seen = []
+    spec = cli._sampler_spec
+
+    def record(args, meta):
+        seen.append(spec(args, meta))
+        return seen[-1]
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(cli, "_sampler_spec", record)
+        run_ok(capsys, "sample", "--checkpoint", pipeline_files["teacher"], "--output", tmp_path / "s",
+               "--num-samples", 4, "--device", "cpu", "--guidance", "3", "--guidance-interval", "0,600")
+    assert seen[-1].guidance == 3 and seen[-1].guidance_interval == (0.0, 600.0)
+    for bad in ("600", "600,0", "a,b", "-1,5"):
+        line = run_error(capsys, "sample", "--checkpoint", pipeline_files["teacher"], "--output", tmp_path / "o",
+                         "--guidance", "3", f"--guidance-interval={bad}", "--device", "cpu")
+        assert "--guidance-interval" in line and bad.split(",")[0] in line
+
+
 def test_sample_with_custom_prompts(fake_env, pipeline_files, tmp_path, capsys):
     p = default_prompts()
     run_ok(capsys, "sample", "--checkpoint", pipeline_files["teacher"], "--output", tmp_path / "o",

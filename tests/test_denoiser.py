@@ -168,3 +168,22 @@ def test_guided_equals_manual_eps_combination(prediction):
     torch.testing.assert_close(x0, (z - (1 - abar).sqrt() * eps_ref) / abar.sqrt(), rtol=0, atol=1e-10)
     assert (eps_c - eps_u).abs().max() > 1e-2                   # the caption matters, so the test can fail
     torch.testing.assert_close(guided(den, scale)(z, t, cond, w), x0, rtol=0, atol=0)
+
+
+def test_guided_interval_guides_inside_and_is_the_conditional_prediction_outside():
+    """guided(den, s, (lo, hi)): samples whose t lies in [lo, hi] get the guided prediction, the others the plain
+    conditional one (Kynkäänniemi et al. 2024), in one batch of 2B."""
+    net = CondNet().double()
+    den = Denoiser(net, VPSchedule.from_name("linear"), "eps")
+    z = torch.randn(4, 2, 4, 4, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    t = torch.tensor([999.0, 600.0, 200.0, 100.0], dtype=torch.float64)
+    cond = make_cond(4, dtype=torch.float64)
+    got, eps = guided(den, 2.5, (150, 600)).predict(z, t, cond)
+    full = guided(den, 2.5).predict(z, t, cond)[0]
+    plain = den.predict(z, t, cond)[0]
+    for i, inside in enumerate([False, True, True, False]):
+        torch.testing.assert_close(got[i], (full if inside else plain)[i], rtol=0, atol=1e-10)
+    assert (full - plain).abs().amax(dim=(1, 2, 3)).min() > 1e-3      # guidance moves every sample: the test can fail
+    for bad in [(600, 150), (-1, 5), (1,), "ab"]:
+        with pytest.raises(ValueError, match="guidance_interval"):
+            guided(den, 2.5, bad)

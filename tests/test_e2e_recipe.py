@@ -785,12 +785,31 @@ def test_compiled_training_compiles_the_anchors_network_without_cuda_graphs(tmp_
     assert any(not torch.equal(exports["teacher", "no"][k], exports["init", "no"][k]) for k in exports["init", "no"])
 
 
-def test_teacher_renoise_target_runs_the_students_sampler_with_the_teachers_ode_solve(tmp_path, monkeypatch):
+def ddim_by_hand(den, z, path, cond, scale, interval=None):
+    """Guided DDIM (eta 0) to t = 0 written out step by step from the ᾱ table in float64: eps = eps_u + s·(eps_c −
+    eps_u), s = scale only at timesteps inside `interval` (1 elsewhere); the last step's x0."""
+    abar = SCHEDULE.alphas_cumprod.double()
+    for j, t in enumerate(path):
+        tt = torch.full((len(z),), float(t), dtype=torch.float64)
+        eps_c = den.predict(z, tt, cond)[1]
+        eps_u = den.predict(z, tt, cond.with_drop(True))[1]
+        s = scale if interval is None or interval[0] <= t <= interval[1] else 1.0
+        eps = eps_u + s * (eps_c - eps_u)
+        x0 = (z - (1 - abar[t]).sqrt() * eps) / abar[t].sqrt()
+        if j + 1 == len(path):
+            return x0
+        a_prev = abar[path[j + 1]]
+        z = a_prev.sqrt() * x0 + (1 - a_prev).sqrt() * eps
+
+
+@pytest.mark.parametrize("interval,gain", [(None, 1.0), ((0.0, 600.0), 2.0)])
+def test_teacher_renoise_target_runs_the_students_sampler_with_the_teachers_ode_solve(tmp_path, monkeypatch, interval,
+                                                                                       gain):
     """loss.teacher_renoise: the target = the student's K-step VP sampler with the same timesteps and re-noise draws,
     each step's x0 the teacher's guided DDIM solve to 0 — recomputed here chain by chain in float64 from the ᾱ table;
-    K = 1 is the plain ODE endpoint."""
+    K = 1 is the plain ODE endpoint. With loss.teacher_guidance_interval = [0, 600] and gain 2 the teacher's scale is
+    1 + 2·(w − 1), applied at its grid's timesteps 499 and 249 only (999 and 749 run unguided)."""
     import e2ediff.e2e as e2e_module
-    from e2ediff.samplers import ddim
 
     seen = {}
     step = e2e_module.e2e_step
@@ -802,7 +821,8 @@ def test_teacher_renoise_target_runs_the_students_sampler_with_the_teachers_ode_
     monkeypatch.setattr(e2e_module, "e2e_step", record_step)
     for k_steps in (2, 1):
         cfg = gan_run(tmp_path, 1, loss=dict(anchor=1.0, anchor_to="teacher", teacher="teacher.safetensors",
-                                             teacher_steps=4, teacher_renoise=True), w_range=(1.0, 2.0))
+                                             teacher_steps=4, teacher_renoise=True, teacher_guidance_interval=interval,
+                                             teacher_guidance_gain=gain), w_range=(1.0, 2.0))
         cfg = dataclasses.replace(cfg, sampler_steps=k_steps)
         teacher = teacher_pipeline()
         task = FinetuneTask(cfg, torch.device("cpu"), data=StandInData(), init=student_pipeline(), teacher=teacher)
@@ -817,12 +837,13 @@ def test_teacher_renoise_target_runs_the_students_sampler_with_the_teachers_ode_
         grid, abar = task.teacher_timesteps, SCHEDULE.alphas_cumprod.double()
         cond = seen["cond"].repeat_interleave(cfg.samples_per_caption)
         rows, plain = [], []
+        assert grid == [999, 749, 499, 249]
         for i in range(len(seen["z_T"])):
-            one, w = cond[i:i + 1].to(dtype=torch.float64), float(seen["w"][i])
+            one, w = cond[i:i + 1].to(dtype=torch.float64), 1 + gain * (float(seen["w"][i]) - 1)
             z = seen["z_T"][i:i + 1].double()
-            plain.append(ddim(ref, z, grid, one, guidance=w))
+            plain.append(ddim_by_hand(ref, z, grid, one, w, interval))
             for j, t in enumerate(seen["timesteps"]):
-                x0 = ddim(ref, z, [t] + [s for s in grid if s < t], one, guidance=w)
+                x0 = ddim_by_hand(ref, z, [t] + [s for s in grid if s < t], one, w, interval)
                 if j + 1 < len(seen["timesteps"]):
                     a = abar[seen["timesteps"][j + 1]]
                     z = a.sqrt() * x0 + (1 - a).sqrt() * seen["noises"][j][i:i + 1].double()
@@ -832,8 +853,20 @@ def test_teacher_renoise_target_runs_the_students_sampler_with_the_teachers_ode_
             torch.testing.assert_close(seen["target"], torch.cat(plain), rtol=1e-5, atol=1e-5)
         else:     # the re-noise draws matter: the plain endpoint is another target
             assert seen["timesteps"] == lcm_timesteps(2) and (torch.cat(plain) - seen["target"]).abs().max() > 1e-3
+    if interval is not None:   # the interval and gain moved the target: the full-guidance target is another one
+        full = torch.cat([ddim_by_hand(ref, seen["z_T"][i:i + 1].double(), grid,
+                                       cond[i:i + 1].to(dtype=torch.float64), float(seen["w"][i]))
+                          for i in range(len(seen["z_T"]))])
+        assert (full - seen["target"]).abs().max() > 1e-3
     with pytest.raises(ConfigError, match="loss.teacher_renoise"):
         validate(FinetuneRun(init="x", loss=E2ELoss(gan=1.0, energy=0.0, teacher_renoise=True)))
+    for bad, field in [(dict(teacher_guidance_interval=(600.0, 0.0)), "loss.teacher_guidance_interval"),
+                       (dict(teacher_guidance_interval=(-1.0, 600.0)), "loss.teacher_guidance_interval"),
+                       (dict(teacher_guidance_gain=-1.0), "loss.teacher_guidance_gain")]:
+        with pytest.raises(ConfigError, match=field):
+            validate(FinetuneRun(init="x", loss=E2ELoss(anchor=1.0, anchor_to="teacher", teacher="t", **bad)))
+    with pytest.raises(ConfigError, match="loss.teacher_guidance_interval"):   # no teacher to guide
+        validate(FinetuneRun(init="x", loss=E2ELoss(gan=1.0, teacher_guidance_interval=(0.0, 600.0))))
     with pytest.raises(ConfigError, match="loss.teacher_renoise"):
         validate(FinetuneRun(init="x", renoise="ve", loss=E2ELoss(anchor=1.0, anchor_to="teacher", teacher="t",
                                                                  teacher_renoise=True)))

@@ -322,15 +322,28 @@ if [[ "${STAGE:-all}" == teacher ]]; then   # round 9: the anchor's target is th
       --sampler ddim --steps "$g" --guidance 1.5 --num-samples "$N" --split "$SPLIT" --device "$DEV" \
       --output "$R/eval_teacher_ddim${g}_k4_$SPLIT.json" > "$R/eval_teacher_ddim${g}.log" 2>&1 &
   done
+  # TEACHER_SWEEP: the teacher's own DDIM-16 sample at guidance W, applied only at timesteps LO..HI (Kynkäänniemi et
+  # al. 2024), as "W:LO,HI" items: the target quality of loss.teacher_guidance_interval (round 11)
+  for item in ${TEACHER_SWEEP:-}; do
+    IFS=: read -r gw gi <<< "$item"
+    [ -f "$R/eval_teacher16_w${gw}_i${gi/,/-}_k4_$SPLIT.json" ] || $E evaluate --checkpoint "$T" --classifier "$CLS" \
+      --sampler ddim --steps 16 --guidance "$gw" --guidance-interval "$gi" --num-samples "$N" --split "$SPLIT" \
+      --device "$DEV" --output "$R/eval_teacher16_w${gw}_i${gi/,/-}_k4_$SPLIT.json" > "$R/eval_teacher16_w$gw.log" 2>&1
+  done &
   (student; final_student) &
   # The target is the teacher in the student's sampler with the chain's re-noise draws (loss.teacher_renoise; the
   # CPU probe of 2026-12-06: the plain ODE endpoint made K = 2 / 4 2.7x / 2.6x worse in 100 steps, the re-noised
   # target took K = 2 to 0.87x with alignment +0.017); a FAMILY ending in p (mixp, k2p) uses the plain endpoint.
   # A spec's fifth field: loss.anchor_samples (the teacher's target on that many of each caption's m = 4 chains;
   # default 1: by call count the teacher's guided solves cost several student steps with all 4).
+  # A spec's sixth field TAG (round 11) adds the overrides in the variable X_TAG and names the row ...a${λ}TAG_s${seed},
+  # e.g. TEACHER_ROWS="k2:16:10:0:1:i600" X_i600="loss.teacher_guidance_interval=[0,600]".
   for spec in ${TEACHER_ROWS:-mix:16:10:0 mix:16:10:1 mix:16:10:2 k2:16:10:0 k2:16:10:1 k2:16:10:2 mix:16:3:0 k2:16:3:0}; do
-    IFS=: read -r fam steps lam seed chains <<< "$spec"
-    name=${fam}t${steps}a${lam}_s$seed; preset=anchored; x="loss.teacher_renoise=true loss.anchor_samples=${chains:-1}"
+    IFS=: read -r fam steps lam seed chains tag <<< "$spec"
+    xv=X_${tag:-none}; tagx=${!xv:-}
+    [ -z "$tag" ] || [ -n "$tagx" ] || { echo "TEACHER_ROWS $spec: X_$tag is not set" >&2; continue; }
+    name=${fam}t${steps}a${lam}${tag}_s$seed; preset=anchored
+    x="loss.teacher_renoise=true loss.anchor_samples=${chains:-1} $tagx"
     init=checkpoints/base/e2e.safetensors
     [[ $fam == k2* ]] && preset=anchored-2step && init=${K2_INIT:-$init}
     [[ $fam == *p ]] && x=""

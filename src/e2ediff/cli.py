@@ -150,6 +150,8 @@ def _sampler_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--timesteps", help="explicit comma-separated timestep list, e.g. 999,759,499,259")
     p.add_argument("--renoise", choices=["vp", "ve"], help="LCM re-noise form")
     p.add_argument("--guidance", type=float, help="classifier-free guidance scale (DDIM)")
+    p.add_argument("--guidance-interval", metavar="LO,HI",
+                   help="DDIM: apply the guidance only at timesteps LO <= t <= HI, e.g. 0,600 (Kynkäänniemi et al. 2024)")
     p.add_argument("--w", type=float, help="guidance-scale embedding input of an LCM student")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch-size", type=int, default=500)
@@ -348,6 +350,18 @@ def _sampler_spec(args, meta: dict):
         spec.renoise = args.renoise
     if args.guidance is not None:
         spec.guidance = args.guidance
+    if getattr(args, "guidance_interval", None):
+        from e2ediff.denoiser import check_guidance_interval
+
+        parts = args.guidance_interval.split(",")
+        try:
+            values = [float(v) for v in parts]
+        except ValueError:
+            raise ValueError(f"--guidance-interval must be LO,HI (two timesteps), got {args.guidance_interval!r}") \
+                from None
+        if len(values) != 2:
+            raise ValueError(f"--guidance-interval must be LO,HI (two timesteps), got {args.guidance_interval!r}")
+        spec.guidance_interval = check_guidance_interval(values, "--guidance-interval")
     if args.w is not None:
         spec.w = args.w
     return spec

@@ -121,12 +121,17 @@ def consistency_fn(denoiser: nn.Module, z_t: Tensor, t: Tensor | float, cond: Te
 class GuidedDenoiser(nn.Module):
     """Classifier-free guidance (Ho & Salimans 2022) with the Denoiser contract:
     eps = eps_u + scale·(eps_c − eps_u), x0 = (z − s·eps)/a. Conditional and unconditional (cond.with_drop(True))
-    branches run as one batch of 2B."""
+    branches run as one batch of 2B.
+    interval = (lo, hi): guidance only at timesteps lo ≤ t ≤ hi, the conditional prediction (scale 1) elsewhere —
+    Kynkäänniemi et al. 2024, "Applying guidance in a limited interval improves sample and distribution quality":
+    guidance at high noise is what narrows the distribution."""
 
-    def __init__(self, denoiser: nn.Module, scale: float | Tensor) -> None:
+    def __init__(self, denoiser: nn.Module, scale: float | Tensor, interval: tuple[float, float] | None = None
+                 ) -> None:
         super().__init__()
         self.denoiser = denoiser
         self.scale = scale if isinstance(scale, Tensor) else float(scale)   # a tensor: one scale per sample [B]
+        self.interval = check_guidance_interval(interval)
 
     @property
     def schedule(self) -> VPSchedule:
@@ -140,6 +145,10 @@ class GuidedDenoiser(nn.Module):
         _, eps = self.denoiser.predict(torch.cat([z_t, z_t]), torch.cat([t, t]), both, w2)
         eps_c, eps_u = eps.chunk(2)
         scale = broadcast_like(self.scale.to(eps), eps) if isinstance(self.scale, Tensor) else self.scale
+        if self.interval is not None:
+            lo, hi = self.interval
+            inside = broadcast_like(((t >= lo) & (t <= hi)).to(eps.dtype), eps)
+            scale = 1 + inside * (scale - 1)
         eps = eps_u + scale * (eps_c - eps_u)
         a, s = self.schedule.alpha_sigma(t, z_t.dtype, z_t.ndim)
         return eps_to_x0(z_t, eps, a, s), eps
@@ -148,9 +157,22 @@ class GuidedDenoiser(nn.Module):
         return self.predict(z_t, t, cond, w)[0]
 
 
-def guided(denoiser: nn.Module, scale: float | Tensor) -> nn.Module:
-    """Denoiser with classifier-free guidance at `scale` (a float, or one scale per sample [B]); a float scale of 1
-    returns `denoiser` itself (no extra batch)."""
+def check_guidance_interval(interval, name: str = "guidance_interval") -> tuple[float, float] | None:
+    """None, or (lo, hi) with 0 ≤ lo ≤ hi: the timesteps at which guidance applies."""
+    if interval is None:
+        return None
+    try:
+        lo, hi = (float(v) for v in interval)
+    except (TypeError, ValueError):
+        raise ValueError(f"{name} must be two timesteps [lo, hi], got {interval!r}") from None
+    if not 0 <= lo <= hi:
+        raise ValueError(f"{name} must satisfy 0 <= lo <= hi, got [{lo:g}, {hi:g}]")
+    return lo, hi
+
+
+def guided(denoiser: nn.Module, scale: float | Tensor, interval: tuple[float, float] | None = None) -> nn.Module:
+    """Denoiser with classifier-free guidance at `scale` (a float, or one scale per sample [B]), applied only at
+    timesteps in `interval` = (lo, hi) when given; a float scale of 1 returns `denoiser` itself (no extra batch)."""
     if not isinstance(scale, Tensor) and float(scale) == 1.0:
         return denoiser
-    return GuidedDenoiser(denoiser, scale)
+    return GuidedDenoiser(denoiser, scale, interval)

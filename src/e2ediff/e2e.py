@@ -65,6 +65,11 @@ class E2ELoss:
                                          # x0; the target is then a function of the same noises as the student's
                                          # sample (the plain ODE endpoint sees only z_T, and an L2 fit to it averages
                                          # over the re-noise draws at K >= 2)
+    teacher_guidance_interval: tuple[float, float] | None = None  # [lo, hi]: the teacher's guidance only at timesteps
+                                         # lo <= t <= hi (Kynkäänniemi et al. 2024: guidance at high noise is what
+                                         # narrows the distribution); None: at every timestep
+    teacher_guidance_gain: float = 1.0   # the teacher's scale at a chain's w: 1 + gain·(w − 1) (w = 1 stays unguided;
+                                         # > 1 makes up, inside the interval, for the guidance taken off outside it)
     anchor_samples: int = 0              # > 0: the anchor on the first this many of each caption's m chains only
                                          # (an unbiased estimate of the same term; the teacher's or the starting
                                          # model's sample costs this many / m of the chains' — the teacher's guided
@@ -91,6 +96,13 @@ class E2ELoss:
                    "0 when loss.anchor_to=teacher (the teacher does not move)")
         _check(not self.teacher_renoise or self.anchor_to == "teacher", "loss.teacher_renoise", self.teacher_renoise,
                "false unless loss.anchor_to=teacher")
+        iv = self.teacher_guidance_interval
+        _check(iv is None or 0 <= iv[0] <= iv[1], "loss.teacher_guidance_interval", iv,
+               "[lo, hi] timesteps with 0 <= lo <= hi (guidance only there), or null")
+        _check(self.teacher_guidance_gain >= 0, "loss.teacher_guidance_gain", self.teacher_guidance_gain, ">= 0")
+        _check((self.teacher_guidance_interval is None and self.teacher_guidance_gain == 1.0)
+               or self.anchor_to == "teacher", "loss.teacher_guidance_interval / teacher_guidance_gain",
+               (self.teacher_guidance_interval, self.teacher_guidance_gain), "their defaults unless loss.anchor_to=teacher")
         _check(not self.gan_group_std or self.gan > 0, "loss.gan_group_std", self.gan_group_std,
                "false unless loss.gan > 0 (there is no discriminator to show the spread to)")
         _check(self.l1 + self.l2 + self.lpips + self.energy + self.gan > 0 or
@@ -589,19 +601,22 @@ class FinetuneTask(Task):
     def teacher_sample(self, z_T: Tensor, cond: TextCond, w: float | Tensor | None,
                        renoise: tuple[list[int], list[Tensor]] | None = None) -> Tensor:
         """The teacher's deterministic DDIM sample from z_T [B·m, ...] (cond per chain), classifier-free guided at each
-        chain's w (the scale the student was distilled to embed; 1 when it embeds none).
+        chain's w (the scale the student was distilled to embed; 1 when it embeds none), or at 1 + gain·(w − 1) and
+        only inside loss.teacher_guidance_interval when those are set.
         renoise = (the student's timesteps t_0 > … > t_{K−1}, its K − 1 re-noise draws): the teacher takes the
         student's place in its sampler: at each t_i its x0 is the guided DDIM solve from z_{t_i} to 0 (on the
         teacher's grid below t_i), then z_{t_{i+1}} = sqrt(ᾱ)·x0 + sqrt(1 − ᾱ)·ε_i, as the VP re-noise."""
         from e2ediff.samplers import ddim
 
-        scale = 1.0 if w is None else w
+        gain = self.cfg.loss.teacher_guidance_gain
+        scale = 1.0 if w is None else 1 + gain * (w - 1)
+        interval = self.cfg.loss.teacher_guidance_interval
         # without renoise: one step from the grid's first timestep (T − 1), i.e. the plain DDIM solve from z_T
         timesteps, noises = renoise if renoise is not None else (self.teacher_timesteps[:1], [])
         z = z_T
         for i, t in enumerate(timesteps):
             path = [t] + [s for s in self.teacher_timesteps if s < t]
-            x0 = ddim(self.teacher.denoiser, z, path, cond, guidance=scale)
+            x0 = ddim(self.teacher.denoiser, z, path, cond, guidance=scale, guidance_interval=interval)
             if i + 1 < len(timesteps):
                 a, s = self.schedule.alpha_sigma(torch.tensor(float(timesteps[i + 1]), device=z.device), z.dtype,
                                                  z.ndim)

@@ -84,7 +84,8 @@ def evaluate_model(model_path: str | Path, spec, classifier_dir: str | Path, num
     seconds = time.perf_counter() - t0
     result = score_images(images, labels, classifier_dir, split, device=device, seed=seed)
     result.update({"model": str(model_path), "kind": pipe.meta.get("kind"), "sampler": spec.name,
-                   "timesteps": spec.resolved_timesteps(), "nfe": spec.nfe, "guidance": spec.guidance, "w": spec.w,
+                   "timesteps": spec.resolved_timesteps(), "nfe": spec.nfe, "guidance": spec.guidance,
+                   "guidance_interval": spec.guidance_interval, "w": spec.w,
                    "params": n_params, "seed": seed, "sample_seconds": seconds, "model_step": pipe.meta.get("step"),
                    "fp8_layers": len(fp8_layers)})
     return result, images, labels

@@ -19,6 +19,7 @@ class SamplerSpec:
     name: str = "ddim"                       # ddim | lcm
     steps: int = 32                          # DDIM steps, or LCM steps when timesteps is None
     guidance: float = 1.0                    # classifier-free guidance scale (DDIM); LCM students embed w instead
+    guidance_interval: tuple[float, float] | None = None   # DDIM: guidance only at timesteps lo <= t <= hi
     timesteps: tuple[int, ...] | None = None # explicit list (LCM default: diffusers' schedule for `steps`)
     renoise: str = "vp"                      # LCM re-noise form: vp | ve
     w: float | None = None                   # guidance-scale embedding input of an LCM student
@@ -29,6 +30,8 @@ class SamplerSpec:
         s = dict(meta.get("sampler", {}))
         if "timesteps" in s and s["timesteps"] is not None:
             s["timesteps"] = tuple(s["timesteps"])
+        if s.get("guidance_interval") is not None:
+            s["guidance_interval"] = tuple(s["guidance_interval"])
         return SamplerSpec(**s)
 
     def with_steps(self, steps: int) -> "SamplerSpec":
@@ -80,7 +83,8 @@ def sample_latents(pipe, cond: TextCond, spec: SamplerSpec, noise: torch.Tensor,
 
     timesteps = spec.resolved_timesteps()
     if spec.name == "ddim":
-        return ddim(pipe.denoiser, noise, timesteps, cond, guidance=spec.guidance)
+        return ddim(pipe.denoiser, noise, timesteps, cond, guidance=spec.guidance,
+                    guidance_interval=spec.guidance_interval)
     if spec.name == "lcm":
         w = None
         if spec.w is not None:

@@ -99,18 +99,19 @@ def unroll(step_fn: StepFn, z: Tensor, timesteps: Sequence[int], *, noises: Sequ
 
 
 def ddim(denoiser: nn.Module, noise: Tensor, timesteps: Sequence[int], cond: TextCond, *,
-         guidance: float | Tensor = 1.0,
+         guidance: float | Tensor = 1.0, guidance_interval: tuple[float, float] | None = None,
          eta: float = 0.0, generator: torch.Generator | None = None, w: Tensor | None = None) -> Tensor:
     """DDIM (Song et al. 2021, Eq. 12) from z_{t_0} = noise [B, ...] along descending `timesteps`; the last step goes
     to ᾱ = 1, so the result is that step's x0 prediction. eta = 0: deterministic; eta = 1: DDPM-like ancestral
     noise σ_t(η) of Eq. 16, drawn from `generator` (K − 1 draws shaped like noise, in step order).
     guidance != 1 applies classifier-free guidance (e2ediff.denoiser.guided); a tensor gives each sample its own scale
-    [B]. Returns [B, ...]."""
+    [B]; guidance_interval = (lo, hi) applies it only at timesteps lo ≤ t ≤ hi (Kynkäänniemi et al. 2024).
+    Returns [B, ...]."""
     schedule = denoiser.schedule
     steps = check_timesteps(timesteps, schedule.T)
     if eta < 0:
         raise ValueError(f"ddim: eta must be >= 0, got {eta}")
-    model = guided(denoiser, guidance)
+    model = guided(denoiser, guidance, guidance_interval)
     count = len(steps) - 1 if eta > 0 else 0
     noises = draw_noises(noise, count, generator, None, "ddim") + [None] * (len(steps) - count)
 
