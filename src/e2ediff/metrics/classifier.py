@@ -118,7 +118,9 @@ def random_shift_flip(x: Tensor, generator: torch.Generator, max_shift: int = 2,
         cols = torch.where(flipped[:, None], cols.flip(1), cols)
     batch = torch.arange(b, device=x.device)[:, None, None]
     out = padded[batch, :, rows[:, :, None], cols[:, None, :]]  # advanced indices first: [B, H, W, C]
-    return out.permute(0, 3, 1, 2).contiguous()
+    # clone, not .contiguous(): with C = 1 the permuted view already counts as contiguous and keeps strides
+    # (HW, 1, W, 1), on which oneDNN's convolution backward crashed (torch 2.13 CPU, an AVX2-only AMD EPYC)
+    return out.permute(0, 3, 1, 2).clone(memory_format=torch.contiguous_format)
 
 
 def train_classifier(images_uint8: np.ndarray | Tensor, labels: np.ndarray | Tensor, *, steps: int = 3000,
