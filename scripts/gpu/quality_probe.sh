@@ -14,7 +14,9 @@
 #                                                      #   the minibatch-std discriminator (loss.gan_group_std)
 #   STAGE=spread bash scripts/gpu/quality_probe.sh     # round 8: a third stage + the energy distance (real bank)
 #   STAGE=teacher bash scripts/gpu/quality_probe.sh    # round 9: the anchor to the guided teacher in the student's
-#                                                      #   sampler (`--preset teacher-anchored`; see its block)
+#                                                      #   sampler (`--preset teacher-anchored`; see its block);
+#                                                      #   round 11: TEACHER_SWEEP, and the target's guidance
+#                                                      #   interval per row (X_TAG; docs/results.md has the command)
 #   STAGE=refresh bash scripts/gpu/quality_probe.sh    # the anchor refreshed to the EMA every REFRESH steps (not run
 #                                                      #   on a GPU yet: built and tested in the sixth session)
 #   STAGE=confirm SPLIT=test EVAL_N=10000 STEPS=800 ... # `adversarial` x 3 seeds, with and without K = 1
