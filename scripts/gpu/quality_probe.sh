@@ -327,10 +327,10 @@ if [[ "${STAGE:-all}" == teacher ]]; then   # round 9: the anchor's target is th
   # TEACHER_SWEEP: the teacher's own DDIM-16 sample at guidance W, applied only at timesteps LO..HI (Kynkäänniemi et
   # al. 2024), as "W:LO,HI" items: the target quality of loss.teacher_guidance_interval (round 11)
   for item in ${TEACHER_SWEEP:-}; do
-    IFS=: read -r gw gi <<< "$item"
-    [ -f "$R/eval_teacher16_w${gw}_i${gi/,/-}_k4_$SPLIT.json" ] || $E evaluate --checkpoint "$T" --classifier "$CLS" \
-      --sampler ddim --steps 16 --guidance "$gw" --guidance-interval "$gi" --num-samples "$N" --split "$SPLIT" \
-      --device "$DEV" --output "$R/eval_teacher16_w${gw}_i${gi/,/-}_k4_$SPLIT.json" > "$R/eval_teacher16_w$gw.log" 2>&1
+    IFS=: read -r gw gi <<< "$item"; out=$R/eval_teacher16_w${gw}_i${gi/,/-}_k4_$SPLIT   # its log: kept on failure only
+    [ -f "$out.json" ] || $E evaluate --checkpoint "$T" --classifier "$CLS" --sampler ddim --steps 16 \
+      --guidance "$gw" --guidance-interval "$gi" --num-samples "$N" --split "$SPLIT" --device "$DEV" \
+      --output "$out.json" > "$out.log" 2>&1
   done &
   (student; final_student) &
   # The target is the teacher in the student's sampler with the chain's re-noise draws (loss.teacher_renoise; the

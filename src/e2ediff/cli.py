@@ -353,15 +353,7 @@ def _sampler_spec(args, meta: dict):
     if getattr(args, "guidance_interval", None):
         from e2ediff.denoiser import check_guidance_interval
 
-        parts = args.guidance_interval.split(",")
-        try:
-            values = [float(v) for v in parts]
-        except ValueError:
-            raise ValueError(f"--guidance-interval must be LO,HI (two timesteps), got {args.guidance_interval!r}") \
-                from None
-        if len(values) != 2:
-            raise ValueError(f"--guidance-interval must be LO,HI (two timesteps), got {args.guidance_interval!r}")
-        spec.guidance_interval = check_guidance_interval(values, "--guidance-interval")
+        spec.guidance_interval = check_guidance_interval(args.guidance_interval.split(","), "--guidance-interval")
     if args.w is not None:
         spec.w = args.w
     return spec
