@@ -802,13 +802,16 @@ def ddim_by_hand(den, z, path, cond, scale, interval=None):
         z = a_prev.sqrt() * x0 + (1 - a_prev).sqrt() * eps
 
 
-@pytest.mark.parametrize("interval,gain", [(None, 1.0), ((0.0, 600.0), 2.0)])
+@pytest.mark.parametrize("interval,gain,gains", [(None, 1.0, None), ((0.0, 600.0), 2.0, None),
+                                                 ((0.0, 600.0), 1.0, (0.0, 2.0))])
 def test_teacher_renoise_target_runs_the_students_sampler_with_the_teachers_ode_solve(tmp_path, monkeypatch, interval,
-                                                                                       gain):
+                                                                                       gain, gains):
     """loss.teacher_renoise: the target = the student's K-step VP sampler with the same timesteps and re-noise draws,
     each step's x0 the teacher's guided DDIM solve to 0 — recomputed here chain by chain in float64 from the ᾱ table;
     K = 1 is the plain ODE endpoint. With loss.teacher_guidance_interval = [0, 600] and gain 2 the teacher's scale is
-    1 + 2·(w − 1), applied at its grid's timesteps 499 and 249 only (999 and 749 run unguided)."""
+    1 + 2·(w − 1), applied at its grid's timesteps 499 and 249 only (999 and 749 run unguided). With
+    loss.teacher_solve_gains = [0, 2] the solve from the student's first timestep runs unguided and the second at
+    1 + 2·(w − 1)."""
     import e2ediff.e2e as e2e_module
 
     seen = {}
@@ -822,7 +825,8 @@ def test_teacher_renoise_target_runs_the_students_sampler_with_the_teachers_ode_
     for k_steps in (2, 1):
         cfg = gan_run(tmp_path, 1, loss=dict(anchor=1.0, anchor_to="teacher", teacher="teacher.safetensors",
                                              teacher_steps=4, teacher_renoise=True, teacher_guidance_interval=interval,
-                                             teacher_guidance_gain=gain), w_range=(1.0, 2.0))
+                                             teacher_guidance_gain=gain, teacher_solve_gains=gains),
+                      w_range=(1.0, 2.0))
         cfg = dataclasses.replace(cfg, sampler_steps=k_steps)
         teacher = teacher_pipeline()
         task = FinetuneTask(cfg, torch.device("cpu"), data=StandInData(), init=student_pipeline(), teacher=teacher)
@@ -839,11 +843,12 @@ def test_teacher_renoise_target_runs_the_students_sampler_with_the_teachers_ode_
         rows, plain = [], []
         assert grid == [999, 749, 499, 249]
         for i in range(len(seen["z_T"])):
-            one, w = cond[i:i + 1].to(dtype=torch.float64), 1 + gain * (float(seen["w"][i]) - 1)
+            one = cond[i:i + 1].to(dtype=torch.float64)
+            w = [1 + g * (float(seen["w"][i]) - 1) for g in (gains or (gain, gain))]   # solve j's scale
             z = seen["z_T"][i:i + 1].double()
-            plain.append(ddim_by_hand(ref, z, grid, one, w, interval))
+            plain.append(ddim_by_hand(ref, z, grid, one, w[0], interval))
             for j, t in enumerate(seen["timesteps"]):
-                x0 = ddim_by_hand(ref, z, [t] + [s for s in grid if s < t], one, w, interval)
+                x0 = ddim_by_hand(ref, z, [t] + [s for s in grid if s < t], one, w[j], interval)
                 if j + 1 < len(seen["timesteps"]):
                     a = abar[seen["timesteps"][j + 1]]
                     z = a.sqrt() * x0 + (1 - a).sqrt() * seen["noises"][j][i:i + 1].double()
@@ -862,7 +867,12 @@ def test_teacher_renoise_target_runs_the_students_sampler_with_the_teachers_ode_
         validate(FinetuneRun(init="x", loss=E2ELoss(gan=1.0, energy=0.0, teacher_renoise=True)))
     for bad, field in [(dict(teacher_guidance_interval=(600.0, 0.0)), "loss.teacher_guidance_interval"),
                        (dict(teacher_guidance_interval=(-1.0, 600.0)), "loss.teacher_guidance_interval"),
-                       (dict(teacher_guidance_gain=-1.0), "loss.teacher_guidance_gain")]:
+                       (dict(teacher_guidance_gain=-1.0), "loss.teacher_guidance_gain"),
+                       (dict(teacher_solve_gains=(1.0, -1.0), teacher_renoise=True), "loss.teacher_solve_gains"),
+                       (dict(teacher_solve_gains=(), teacher_renoise=True), "loss.teacher_solve_gains"),
+                       (dict(teacher_solve_gains=(1.0,)), "loss.teacher_solve_gains"),
+                       (dict(teacher_solve_gains=(1.0,), teacher_renoise=True, teacher_guidance_gain=2.0),
+                        "loss.teacher_solve_gains")]:
         with pytest.raises(ConfigError, match=field):
             validate(FinetuneRun(init="x", loss=E2ELoss(anchor=1.0, anchor_to="teacher", teacher="t", **bad)))
     with pytest.raises(ConfigError, match="loss.teacher_guidance_interval"):   # no teacher to guide

@@ -70,6 +70,12 @@ class E2ELoss:
                                          # narrows the distribution); None: at every timestep
     teacher_guidance_gain: float = 1.0   # the teacher's scale at a chain's w: 1 + gain·(w − 1) (w = 1 stays unguided;
                                          # > 1 makes up, inside the interval, for the guidance taken off outside it)
+    teacher_solve_gains: tuple[float, ...] | None = None  # with teacher_renoise: the gain of each of the teacher's
+                                         # solves in the student's sampler (solve i guided at 1 + gains[i]·(w − 1);
+                                         # the last entry covers the solves past the list, so one list serves every K
+                                         # of a mix), in place of teacher_guidance_gain. Each guided solve narrows
+                                         # what the re-noise left: at K = 2 the target guided in both solves is less
+                                         # diverse than the teacher's own sample; None: teacher_guidance_gain in all
     anchor_samples: int = 0              # > 0: the anchor on the first this many of each caption's m chains only
                                          # (an unbiased estimate of the same term; the teacher's or the starting
                                          # model's sample costs this many / m of the chains' — the teacher's guided
@@ -100,6 +106,12 @@ class E2ELoss:
         _check(iv is None or 0 <= iv[0] <= iv[1], "loss.teacher_guidance_interval", iv,
                "[lo, hi] timesteps with 0 <= lo <= hi (guidance only there), or null")
         _check(self.teacher_guidance_gain >= 0, "loss.teacher_guidance_gain", self.teacher_guidance_gain, ">= 0")
+        gains = self.teacher_solve_gains
+        _check(gains is None or (len(gains) > 0 and all(g >= 0 for g in gains)), "loss.teacher_solve_gains", gains,
+               "null or a non-empty list of gains >= 0, one per solve of the student's sampler")
+        _check(gains is None or (self.teacher_renoise and self.teacher_guidance_gain == 1.0),
+               "loss.teacher_solve_gains", gains, "null unless loss.teacher_renoise, and then in place of "
+               "loss.teacher_guidance_gain (leave that at 1)")
         _check((self.teacher_guidance_interval is None and self.teacher_guidance_gain == 1.0)
                or self.anchor_to == "teacher", "loss.teacher_guidance_interval / teacher_guidance_gain",
                (self.teacher_guidance_interval, self.teacher_guidance_gain), "their defaults unless loss.anchor_to=teacher")
@@ -602,20 +614,22 @@ class FinetuneTask(Task):
                        renoise: tuple[list[int], list[Tensor]] | None = None) -> Tensor:
         """The teacher's deterministic DDIM sample from z_T [B·m, ...] (cond per chain), classifier-free guided at each
         chain's w (the scale the student was distilled to embed; 1 when it embeds none), or at 1 + gain·(w − 1) and
-        only inside loss.teacher_guidance_interval when those are set.
+        only inside loss.teacher_guidance_interval when those are set; loss.teacher_solve_gains sets the gain per
+        solve below instead.
         renoise = (the student's timesteps t_0 > … > t_{K−1}, its K − 1 re-noise draws): the teacher takes the
         student's place in its sampler: at each t_i its x0 is the guided DDIM solve from z_{t_i} to 0 (on the
         teacher's grid below t_i), then z_{t_{i+1}} = sqrt(ᾱ)·x0 + sqrt(1 − ᾱ)·ε_i, as the VP re-noise."""
         from e2ediff.samplers import ddim
 
-        gain = self.cfg.loss.teacher_guidance_gain
-        scale = 1.0 if w is None else 1 + gain * (w - 1)
+        gains = self.cfg.loss.teacher_solve_gains or (self.cfg.loss.teacher_guidance_gain,)
         interval = self.cfg.loss.teacher_guidance_interval
         # without renoise: one step from the grid's first timestep (T − 1), i.e. the plain DDIM solve from z_T
         timesteps, noises = renoise if renoise is not None else (self.teacher_timesteps[:1], [])
         z = z_T
         for i, t in enumerate(timesteps):
             path = [t] + [s for s in self.teacher_timesteps if s < t]
+            gain = gains[min(i, len(gains) - 1)]
+            scale = 1.0 if w is None or gain == 0 else 1 + gain * (w - 1)
             x0 = ddim(self.teacher.denoiser, z, path, cond, guidance=scale, guidance_interval=interval)
             if i + 1 < len(timesteps):
                 a, s = self.schedule.alpha_sigma(torch.tensor(float(timesteps[i + 1]), device=z.device), z.dtype,
