@@ -262,6 +262,32 @@ PRESETS["teacher-anchored-2step"] = replace(PRESETS["teacher-anchored"], sampler
                                             train=replace(PRESETS["teacher-anchored"].train, steps=1300))
 
 
+@torch.no_grad()
+def teacher_target(teacher: nn.Module, z_T: Tensor, cond: TextCond, w: float | Tensor | None, timesteps: list[int],
+                   noises: list[Tensor], grid: list[int], gains: tuple[float, ...] = (1.0,),
+                   interval: tuple[float, float] | None = None, schedule=None) -> Tensor:
+    """The teacher in the student's place in its K-step VP sampler (loss.teacher_renoise): at each of the student's
+    timesteps t_i its x0 is the teacher's DDIM solve from z_{t_i} to 0 on `grid` (descending, the teacher's own
+    timesteps) below t_i, then z_{t_{i+1}} = sqrt(ᾱ)·x0 + sqrt(1 − ᾱ)·noises[i]; returns the last x0.
+    Solve i is classifier-free guided at 1 + gains[i]·(w − 1) for each chain's w (the last gain covers the solves past
+    the list; w None or a gain of 0: unguided), only at timesteps inside `interval` when given.
+    timesteps = [T − 1] with no noises is the plain probability-flow ODE endpoint of z_T. schedule: the student's, for
+    the re-noise (default the teacher's)."""
+    from e2ediff.samplers import ddim
+
+    schedule = schedule or teacher.schedule
+    z = z_T
+    for i, t in enumerate(timesteps):
+        path = [t] + [s for s in grid if s < t]
+        gain = gains[min(i, len(gains) - 1)]
+        scale = 1.0 if w is None or gain == 0 else 1 + gain * (w - 1)
+        x0 = ddim(teacher, z, path, cond, guidance=scale, guidance_interval=interval)
+        if i + 1 < len(timesteps):
+            a, s = schedule.alpha_sigma(torch.tensor(float(timesteps[i + 1]), device=z.device), z.dtype, z.ndim)
+            z = a * x0 + s * noises[i]
+    return x0.to(z_T.dtype)
+
+
 def check_same_latent_space(teacher, init, teacher_name: str, init_name: str) -> None:
     """The teacher's samples are latents of its autoencoder: it must be the init's (equal weights), and the two
     networks must see the same latent shape and caption features. ValueError naming both files otherwise."""
@@ -612,30 +638,12 @@ class FinetuneTask(Task):
     @torch.no_grad()
     def teacher_sample(self, z_T: Tensor, cond: TextCond, w: float | Tensor | None,
                        renoise: tuple[list[int], list[Tensor]] | None = None) -> Tensor:
-        """The teacher's deterministic DDIM sample from z_T [B·m, ...] (cond per chain), classifier-free guided at each
-        chain's w (the scale the student was distilled to embed; 1 when it embeds none), or at 1 + gain·(w − 1) and
-        only inside loss.teacher_guidance_interval when those are set; loss.teacher_solve_gains sets the gain per
-        solve below instead.
-        renoise = (the student's timesteps t_0 > … > t_{K−1}, its K − 1 re-noise draws): the teacher takes the
-        student's place in its sampler: at each t_i its x0 is the guided DDIM solve from z_{t_i} to 0 (on the
-        teacher's grid below t_i), then z_{t_{i+1}} = sqrt(ᾱ)·x0 + sqrt(1 − ᾱ)·ε_i, as the VP re-noise."""
-        from e2ediff.samplers import ddim
-
-        gains = self.cfg.loss.teacher_solve_gains or (self.cfg.loss.teacher_guidance_gain,)
-        interval = self.cfg.loss.teacher_guidance_interval
-        # without renoise: one step from the grid's first timestep (T − 1), i.e. the plain DDIM solve from z_T
+        """The anchor's target from z_T [B·m, ...] (cond per chain): `teacher_target` with the loss's guidance
+        settings. renoise = (the student's timesteps, its K − 1 re-noise draws); None: the plain DDIM solve from z_T."""
         timesteps, noises = renoise if renoise is not None else (self.teacher_timesteps[:1], [])
-        z = z_T
-        for i, t in enumerate(timesteps):
-            path = [t] + [s for s in self.teacher_timesteps if s < t]
-            gain = gains[min(i, len(gains) - 1)]
-            scale = 1.0 if w is None or gain == 0 else 1 + gain * (w - 1)
-            x0 = ddim(self.teacher.denoiser, z, path, cond, guidance=scale, guidance_interval=interval)
-            if i + 1 < len(timesteps):
-                a, s = self.schedule.alpha_sigma(torch.tensor(float(timesteps[i + 1]), device=z.device), z.dtype,
-                                                 z.ndim)
-                z = a * x0 + s * noises[i]
-        return x0.to(z_T.dtype)
+        return teacher_target(self.teacher.denoiser, z_T, cond, w, timesteps, noises, self.teacher_timesteps,
+                              gains=self.cfg.loss.teacher_solve_gains or (self.cfg.loss.teacher_guidance_gain,),
+                              interval=self.cfg.loss.teacher_guidance_interval, schedule=self.schedule)
 
     @torch.no_grad()
     def after_step(self, step):
