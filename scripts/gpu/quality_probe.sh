@@ -340,6 +340,9 @@ if [[ "${STAGE:-all}" == teacher ]]; then   # round 9: the anchor's target is th
   # default 1: by call count the teacher's guided solves cost several student steps with all 4).
   # A spec's sixth field TAG (round 11) adds the overrides in the variable X_TAG and names the row ...a${λ}TAG_s${seed},
   # e.g. TEACHER_ROWS="k2:16:10:0:1:i600" X_i600="loss.teacher_guidance_interval=[0,600]".
+  # Round 12 (planned; no machine came): per-solve gains of the re-noised target, chosen with scripts/anchor_target.py
+  # on the CPU (docs/results.md "Round 12"): TEACHER_ROWS="k2:16:10:0:1:g31 k2:16:10:1:1:g31 k2:16:10:2:1:g31 ..."
+  # X_g31="loss.teacher_guidance_interval=[0,300] loss.teacher_solve_gains=[3,1]".
   for spec in ${TEACHER_ROWS:-mix:16:10:0 mix:16:10:1 mix:16:10:2 k2:16:10:0 k2:16:10:1 k2:16:10:2 mix:16:3:0 k2:16:3:0}; do
     IFS=: read -r fam steps lam seed chains tag <<< "$spec"
     xv=X_${tag:-none}; tagx=${!xv:-}
