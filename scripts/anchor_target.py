@@ -31,7 +31,7 @@ def main() -> None:
     from e2ediff.denoiser import check_guidance_interval
     from e2ediff.e2e import teacher_target
     from e2ediff.evaluate import score_images, write_json
-    from e2ediff.generate import balanced_labels, text_features
+    from e2ediff.generate import balanced_labels, sample_noises, text_features
     from e2ediff.schedules import ddim_timesteps, lcm_timesteps
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -65,11 +65,7 @@ def main() -> None:
     timesteps = lcm_timesteps(args.steps) if args.steps else grid[:1]
     labels = balanced_labels(args.num_samples)
     cond = text_features([default_prompts()[c] for c in labels], pipe.meta.get("captions"))
-    g = torch.Generator().manual_seed(args.seed)
-    cfg = pipe.net.config
-    shape = (args.num_samples, cfg.in_channels, cfg.input_size, cfg.input_size)
-    z_T = torch.randn(shape, generator=g)
-    noises = [torch.randn(shape, generator=g) for _ in range(len(timesteps) - 1)]
+    z_T, noises = sample_noises(pipe, args.num_samples, len(timesteps) - 1, args.seed)   # as `evaluate` draws
     t0, out = time.perf_counter(), []
     with torch.no_grad():
         for s in range(0, args.num_samples, args.batch_size):

@@ -635,7 +635,6 @@ class FinetuneTask(Task):
             return []
         return [self.teacher.denoiser.net if self.teacher is not None else self.init.net]
 
-    @torch.no_grad()
     def teacher_sample(self, z_T: Tensor, cond: TextCond, w: float | Tensor | None,
                        renoise: tuple[list[int], list[Tensor]] | None = None) -> Tensor:
         """The anchor's target from z_T [B·m, ...] (cond per chain): `teacher_target` with the loss's guidance

@@ -94,16 +94,23 @@ def sample_latents(pipe, cond: TextCond, spec: SamplerSpec, noise: torch.Tensor,
     raise ValueError(f"sampler {spec.name!r} is not ddim or lcm")
 
 
+def sample_noises(pipe, n: int, renoise_draws: int, seed: int = 0) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """The noises `generate` draws for n samples at `seed`: z_T [n, C, H, W], then `renoise_draws` re-noise draws of
+    the same shape (an LCM sampler's K − 1), in that order from one CPU generator."""
+    g = torch.Generator().manual_seed(seed)
+    shape = (n, pipe.net.config.in_channels, pipe.net.config.input_size, pipe.net.config.input_size)
+    noise = torch.randn(shape, generator=g)
+    return noise, [torch.randn(shape, generator=g) for _ in range(renoise_draws)]
+
+
 @torch.no_grad()
 def generate(pipe, cond: TextCond, spec: SamplerSpec, seed: int = 0, batch_size: int = 500,
              device: torch.device | str = "cpu") -> torch.Tensor:
     """Images [N, C, 32, 32] in [-1, 1] for the N captions of ``cond``."""
     n = len(cond)
-    g = torch.Generator().manual_seed(seed)
-    shape = (n, pipe.net.config.in_channels, pipe.net.config.input_size, pipe.net.config.input_size)
-    noise = torch.randn(shape, generator=g)
     k = len(spec.resolved_timesteps())
-    step_noises = [torch.randn(shape, generator=g) for _ in range(k - 1)] if spec.name == "lcm" else None
+    noise, step_noises = sample_noises(pipe, n, k - 1 if spec.name == "lcm" else 0, seed)
+    step_noises = step_noises if spec.name == "lcm" else None
     out = []
     for s in range(0, n, batch_size):
         sl = slice(s, s + batch_size)
