@@ -1,6 +1,7 @@
 """The command line: training commands end to end on tiny configs, `sample` outputs, and one-line user errors."""
 from __future__ import annotations
 
+import contextlib
 import json
 
 import numpy as np
@@ -92,19 +93,25 @@ def test_different_timesteps_give_different_samples(fake_env, pipeline_files, tm
     assert not np.array_equal(load_npz(tmp_path / "a")["images"], load_npz(tmp_path / "b")["images"])
 
 
-def test_guidance_interval_is_parsed_and_bad_values_name_the_option(fake_env, pipeline_files, tmp_path, capsys):
-    """The sampling itself is tested against a by-hand float64 loop (test_denoiser, test_e2e_recipe); here the option
-    reaches the sampler spec, and a malformed value is one error line naming it."""
+@contextlib.contextmanager
+def recorded_specs():
+    """The sampler specs the CLI builds from its options while the block runs, in order."""
     from e2ediff import cli
 
-    seen = []
-    spec = cli._sampler_spec
+    seen, spec = [], cli._sampler_spec
 
     def record(args, meta):
         seen.append(spec(args, meta))
         return seen[-1]
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(cli, "_sampler_spec", record)
+        yield seen
+
+
+def test_guidance_interval_is_parsed_and_bad_values_name_the_option(fake_env, pipeline_files, tmp_path, capsys):
+    """The sampling itself is tested against a by-hand float64 loop (test_denoiser, test_e2e_recipe); here the option
+    reaches the sampler spec, and a malformed value is one error line naming it."""
+    with recorded_specs() as seen:
         run_ok(capsys, "sample", "--checkpoint", pipeline_files["teacher"], "--output", tmp_path / "s",
                "--num-samples", 4, "--device", "cpu", "--guidance", "3", "--guidance-interval", "0,600")
     assert seen[-1].guidance == 3 and seen[-1].guidance_interval == (0.0, 600.0)
@@ -112,6 +119,20 @@ def test_guidance_interval_is_parsed_and_bad_values_name_the_option(fake_env, pi
         line = run_error(capsys, "sample", "--checkpoint", pipeline_files["teacher"], "--output", tmp_path / "o",
                          "--guidance", "3", f"--guidance-interval={bad}", "--device", "cpu")
         assert "--guidance-interval" in line and bad.split(",")[0] in line
+
+
+def test_gamma_reaches_the_sampler_and_bad_values_name_the_option(fake_env, pipeline_files, tmp_path, capsys):
+    """--gamma reaches the sampler spec (the sampler itself is tested against a float64 loop in test_samplers, the
+    exported file's gamma in test_e2e_recipe); out of [0, 1] it is one error line naming the option."""
+    with recorded_specs() as seen:
+        run_ok(capsys, "sample", "--checkpoint", pipeline_files["student"], "--output", tmp_path / "s",
+               "--num-samples", 4, "--device", "cpu", "--gamma", "0")
+    assert seen[-1].gamma == 0.0
+    assert seen[-1].renoise == "vp"
+    for bad in ("1.5", "-0.2"):
+        line = run_error(capsys, "sample", "--checkpoint", pipeline_files["student"], "--output", tmp_path / "o",
+                         "--gamma", bad, "--device", "cpu")
+        assert "--gamma" in line and bad in line
 
 
 def test_sample_with_custom_prompts(fake_env, pipeline_files, tmp_path, capsys):

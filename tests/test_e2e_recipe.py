@@ -933,3 +933,77 @@ def test_anchor_samples_takes_each_captions_first_chains_with_the_same_targets(t
         validate(FinetuneRun(init="x", samples_per_caption=2, loss=E2ELoss(anchor=1.0, anchor_samples=3)))
     with pytest.raises(ConfigError, match="loss.anchor_samples"):
         validate(FinetuneRun(init="x", loss=E2ELoss(anchor=1.0, anchor_samples=-1)))
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# renoise_gamma: the student's sampler with the noise each step implies mixed into its re-noise (0: deterministic)
+
+
+def test_renoise_gamma_zero_trains_the_deterministic_sampler_toward_the_teachers_ode_endpoint(tmp_path, monkeypatch):
+    """With renoise_gamma=0 the chain is lcm(..., gamma=0) from z_T alone (its re-noise draws do not matter), the
+    teacher's target is its plain guided DDIM solve from that z_T, the exported file names gamma 0 so generate() samples
+    it the same way, and a fine-tune of that file inherits it; gamma=1 files name none."""
+    import e2ediff.e2e as e2e_module
+    from e2ediff.checkpoint import read_model_meta
+    from e2ediff.assets import load_pipeline
+    from e2ediff.generate import SamplerSpec, sample_latents
+    from e2ediff.samplers import ddim, lcm
+
+    cfg = gan_run(tmp_path, 1, renoise_gamma=0.0,
+                  loss=dict(anchor=1.0, anchor_to="teacher", teacher="teacher.safetensors", teacher_steps=3))
+    init, teacher = student_pipeline(), teacher_pipeline()
+    task = FinetuneTask(cfg, torch.device("cpu"), data=StandInData(), init=init, teacher=teacher)
+    seen, step, sample = {}, e2e_module.e2e_step, task.teacher_sample
+
+    def record_step(*a, **k):
+        seen["k"] = dict(k)
+        z0, z0_hat = step(*a, **k)
+        seen["z0_hat"], seen["cond"] = z0_hat.detach(), a[3]
+        return z0, z0_hat
+
+    def record_target(*a, **k):
+        seen["target"] = sample(*a, **k)
+        return seen["target"]
+    monkeypatch.setattr(e2e_module, "e2e_step", record_step)
+    monkeypatch.setattr(task, "teacher_sample", record_target)
+    task.losses(0, torch.Generator().manual_seed(7))
+    k, m = seen["k"], cfg.samples_per_caption
+    cond = seen["cond"].repeat_interleave(m)
+    w = torch.full((len(cond),), 1.5)
+    with torch.no_grad():
+        other = [torch.randn_like(n) for n in k["noises"]]            # other draws: the same chain
+        want = lcm(init.denoiser, k["z_T"], task.timesteps, cond, noises=other, w=w, gamma=0.0)
+        fresh = lcm(init.denoiser, k["z_T"], task.timesteps, cond, noises=k["noises"], w=w)
+        target = ddim(teacher.denoiser, k["z_T"], [999, 666, 332], cond, guidance=1.5)
+    torch.testing.assert_close(seen["z0_hat"], want, rtol=1e-5, atol=1e-5)
+    assert (fresh - want).abs().max() > 1e-3                          # ...which the fresh-noise sampler is not
+    torch.testing.assert_close(seen["target"], target, rtol=1e-5, atol=1e-5)
+
+    cfg = gan_run(tmp_path, 1, renoise_gamma=0.0)
+    train(FinetuneTask(cfg, torch.device("cpu"), data=StandInData(), init=student_pipeline()), cfg.train,
+          tmp_path / "det", cfg, "finetune")
+    spec = SamplerSpec.from_meta(read_model_meta(tmp_path / "det" / "model.safetensors"))
+    assert spec.gamma == 0.0
+    with torch.no_grad():
+        noise = k["z_T"][:2]
+        a, b = (sample_latents(init, cond[:2], spec, noise, [torch.randn_like(noise)]) for _ in range(2))
+    torch.testing.assert_close(a, b, rtol=0, atol=0)
+    again = FinetuneTask(gan_run(tmp_path, 1), torch.device("cpu"), data=StandInData(),
+                         init=load_pipeline(str(tmp_path / "det" / "model.safetensors"), torch.device("cpu")))
+    assert again.gamma == 0.0                                         # renoise_gamma unset: the init file's
+    cfg = gan_run(tmp_path, 1)
+    train(FinetuneTask(cfg, torch.device("cpu"), data=StandInData(), init=student_pipeline()), cfg.train,
+          tmp_path / "vp", cfg, "finetune")
+    assert "gamma" not in read_model_meta(tmp_path / "vp" / "model.safetensors")["sampler"]
+
+
+@pytest.mark.parametrize("override, message", [
+    (dict(renoise_gamma=1.5), "renoise_gamma"),
+    (dict(renoise_gamma=-0.1), "renoise_gamma"),
+    (dict(renoise_gamma=0.5, renoise="ve"), "renoise_gamma"),
+    (dict(renoise_gamma=0.0, loss=E2ELoss(gan=1.0, energy=0.0, anchor=1.0, anchor_to="teacher", teacher="t",
+                                          teacher_renoise=True)), "renoise_gamma"),
+])
+def test_renoise_gamma_is_validated(override, message):
+    with pytest.raises(ConfigError, match=message):
+        validate(FinetuneRun(init="x.safetensors", **override))

@@ -415,9 +415,10 @@ def test_non_utf8_prompt(fake_env, pipeline_files, tmp_path, capsys):
     (lambda m: m["sampler"].update(extra=1), "unknown keys ['extra']"),
     (lambda m: m["sampler"].update(steps="four"), "'sampler.steps' must be int, got 'four'"),
     (lambda m: m["sampler"].update(w=float("nan")), "'sampler.w' must be a finite number, got nan"),
+    (lambda m: m["sampler"].update(gamma=1.5), "'sampler.gamma' must be in [0, 1], got 1.5"),
     (lambda m: m.update(captions="a caption"), "key 'captions' must be list, got 'a caption'"),
     (lambda m: m.update(net=[1, 2]), "key 'net' must be dict, got [1, 2]"),
-], ids=["extra-sampler-key", "steps-string", "w-nan", "captions-string", "net-list"])
+], ids=["extra-sampler-key", "steps-string", "w-nan", "gamma-range", "captions-string", "net-list"])
 def test_malformed_model_metadata(fake_env, pipeline_files, tmp_path, capsys, change, expected):
     bad = rewrite_model(pipeline_files["student"], tmp_path / "bad.safetensors", change_meta=change)
     msg = run_error(capsys, "sample", "--checkpoint", bad, "--output", tmp_path / "s", "--device", "cpu")

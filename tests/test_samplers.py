@@ -58,9 +58,11 @@ def lcm_default_schedule() -> VPSchedule:
     return VPSchedule.from_name("scaled_linear")
 
 
-def reference_lcm(net, abar, noise, steps, cond, noises, *, renoise="vp", boundary=True, detach_before=None):
+def reference_lcm(net, abar, noise, steps, cond, noises, *, renoise="vp", boundary=True, detach_before=None,
+                  gamma=1.0):
     """E2EDiff Algorithm 1 / LCMScheduler.step written out with python-float coefficients from the float64 list
-    `abar`, for an ε-net. detach_before=k detaches the latent entering step k (truncated backprop)."""
+    `abar`, for an ε-net. detach_before=k detaches the latent entering step k (truncated backprop); gamma < 1 (vp)
+    mixes the noise the step implies into the re-noise."""
     b = noise.shape[0]
     z = noise if renoise == "vp" else noise / math.sqrt(abar[steps[0]])
     for i, t in enumerate(steps):
@@ -75,8 +77,9 @@ def reference_lcm(net, abar, noise, steps, cond, noises, *, renoise="vp", bounda
         if i == len(steps) - 1:
             return denoised
         ap = abar[steps[i + 1]]
-        if renoise == "vp":
-            z = math.sqrt(ap) * denoised + math.sqrt(1 - ap) * noises[i]
+        if renoise == "vp":       # ε̂ = (z − a·denoised) / s: the noise the step implies
+            eps = gamma * noises[i] + math.sqrt(1 - gamma ** 2) * (z - a * denoised) / s
+            z = math.sqrt(ap) * denoised + math.sqrt(1 - ap) * eps
         else:
             z = denoised + math.sqrt((1 - ap) / ap) * noises[i]
 
@@ -235,10 +238,11 @@ def test_lcm_vp_and_ve_against_float64_reference():
     noises = fixed_noises(noise, len(steps) - 1, seed=6)
     den = Denoiser(net, sched, "eps")
     with torch.no_grad():
-        for renoise in ["vp", "ve"]:
+        for renoise, gamma in [("vp", 1.0), ("ve", 1.0), ("vp", 0.0), ("vp", 0.6)]:
             for boundary in [True, False]:
-                got = lcm(den, noise, steps, cond, renoise=renoise, noises=noises, boundary=boundary)
-                want = reference_lcm(net, abar, noise, steps, cond, noises, renoise=renoise, boundary=boundary)
+                got = lcm(den, noise, steps, cond, renoise=renoise, noises=noises, boundary=boundary, gamma=gamma)
+                want = reference_lcm(net, abar, noise, steps, cond, noises, renoise=renoise, boundary=boundary,
+                                     gamma=gamma)
                 torch.testing.assert_close(got, want, rtol=0, atol=1e-10)
         # Without the boundary terms the VE chain is the VP chain in other coordinates (y = z / sqrt(ᾱ)).
         vp = lcm(den, noise, steps, cond, noises=noises, boundary=False)
@@ -247,6 +251,29 @@ def test_lcm_vp_and_ve_against_float64_reference():
         vp_b = lcm(den, noise, steps, cond, noises=noises)
         ve_b = lcm(den, noise, steps, cond, renoise="ve", noises=noises)
         assert (ve_b - vp_b).abs().max() > 1e-8        # ...with them, the skip term acts on y instead of z
+
+
+def test_lcm_gamma_zero_is_deterministic_ddim():
+    """gamma = 0 re-noises with the noise each step implies, not the draws: without the boundary terms it is DDIM (η = 0)
+    on the same timesteps (our ddim(), itself checked against diffusers' DDIMScheduler and a closed-form posterior
+    above); with them the sample is a function of the first noise alone. gamma = 1 is the fresh-noise sampler."""
+    net = TinyEpsNet().double()
+    sched = lcm_default_schedule()
+    den = Denoiser(net, sched, "eps")
+    cond = make_cond(2, dtype=torch.float64)
+    noise = torch.randn(2, 2, 4, 4, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+    steps = lcm_timesteps(4)
+    with torch.no_grad():
+        got = lcm(den, noise, steps, cond, gamma=0.0, noises=fixed_noises(noise, 3, seed=6), boundary=False)
+        torch.testing.assert_close(got, ddim(den, noise, steps, cond), rtol=0, atol=1e-10)
+        det = [lcm(den, noise, steps, cond, gamma=0.0, noises=fixed_noises(noise, 3, seed=s)) for s in (6, 7)]
+        assert torch.equal(det[0], det[1])
+        vp = lcm(den, noise, steps, cond, noises=fixed_noises(noise, 3, seed=6))
+        assert torch.equal(vp, lcm(den, noise, steps, cond, noises=fixed_noises(noise, 3, seed=6), gamma=1.0))
+        assert (vp - det[0]).abs().max() > 1e-2      # the draws matter to the stochastic sampler
+    for bad, renoise in [(-0.1, "vp"), (1.5, "vp"), (0.5, "ve")]:
+        with pytest.raises(ValueError, match="gamma"):
+            lcm(den, noise, steps, cond, renoise=renoise, gamma=bad)
 
 
 # ---------------------------------------------------------------------------------------------------------------------

@@ -343,6 +343,11 @@ if [[ "${STAGE:-all}" == teacher ]]; then   # round 9: the anchor's target is th
   # Round 12 (planned; no machine came): per-solve gains of the re-noised target, chosen with scripts/anchor_target.py
   # on the CPU (docs/results.md "Round 12"): TEACHER_ROWS="k2:16:10:0:1:g31 k2:16:10:1:1:g31 k2:16:10:2:1:g31 ..."
   # X_g31="loss.teacher_guidance_interval=[0,300] loss.teacher_solve_gains=[3,1]".
+  # Round 13 (planned; no machine came): + the deterministic student sampler (renoise_gamma=0) regressed to the
+  # teacher's plain endpoint, as a p-family row that keeps its tag: TEACHER_ROWS="k2:16:10:0:1:g31 k2:16:10:1:1:g31
+  # k2:16:10:0:1:g315 k2p:16:10:0:1:d3 k2p:16:10:1:1:d3 k2p:16:10:0:1:d3k4", X_g315="... loss.teacher_solve_gains=[3,1.5]",
+  # X_d3="renoise_gamma=0 loss.teacher_guidance_interval=[0,300] loss.teacher_guidance_gain=3",
+  # X_d3k4="sampler_steps=4 renoise_gamma=0 loss.teacher_guidance_interval=[0,300] loss.teacher_guidance_gain=3".
   for spec in ${TEACHER_ROWS:-mix:16:10:0 mix:16:10:1 mix:16:10:2 k2:16:10:0 k2:16:10:1 k2:16:10:2 mix:16:3:0 k2:16:3:0}; do
     IFS=: read -r fam steps lam seed chains tag <<< "$spec"
     xv=X_${tag:-none}; tagx=${!xv:-}
@@ -351,7 +356,7 @@ if [[ "${STAGE:-all}" == teacher ]]; then   # round 9: the anchor's target is th
     x="loss.teacher_renoise=true loss.anchor_samples=${chains:-1} $tagx"
     init=checkpoints/base/e2e.safetensors
     [[ $fam == k2* ]] && preset=anchored-2step && init=${K2_INIT:-$init}
-    [[ $fam == *p ]] && x=""
+    [[ $fam == *p ]] && x="loss.anchor_samples=${chains:-1} $tagx"   # round 13: the tag's overrides kept
     (PRESET=$preset INIT=$init row "$name" $A loss.anchor="$lam" loss.anchor_to=teacher \
        loss.teacher="$T" loss.teacher_steps="$steps" $x train.seed="$seed"; final "$name"; save) &
   done

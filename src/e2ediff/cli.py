@@ -149,6 +149,8 @@ def _sampler_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--steps", type=int, help="number of sampling steps (default: the model file's)")
     p.add_argument("--timesteps", help="explicit comma-separated timestep list, e.g. 999,759,499,259")
     p.add_argument("--renoise", choices=["vp", "ve"], help="LCM re-noise form")
+    p.add_argument("--gamma", type=float, help="LCM (vp): the fresh noise's share of each re-noise, in [0, 1]; the "
+                   "rest is the noise the step implies (0: deterministic; default: the model file's, else 1)")
     p.add_argument("--guidance", type=float, help="classifier-free guidance scale (DDIM)")
     p.add_argument("--guidance-interval", metavar="LO,HI",
                    help="DDIM: apply the guidance only at timesteps LO <= t <= HI, e.g. 0,600 (Kynkäänniemi et al. 2024)")
@@ -348,6 +350,10 @@ def _sampler_spec(args, meta: dict):
         spec.timesteps = guards.parse_timesteps("--timesteps", args.timesteps)
     if args.renoise:
         spec.renoise = args.renoise
+    if getattr(args, "gamma", None) is not None:
+        if not 0.0 <= args.gamma <= 1.0:
+            raise ValueError(f"--gamma must be in [0, 1], got {args.gamma}")
+        spec.gamma = args.gamma
     if args.guidance is not None:
         spec.guidance = args.guidance
     if getattr(args, "guidance_interval", None):

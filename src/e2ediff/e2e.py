@@ -140,6 +140,11 @@ class FinetuneRun:
     timestep_schedule: Literal["lcm", "pixart"] = "lcm"   # diffusers' LCMScheduler (999/759/499/259 for K = 4)
                                                           # or PixArt-δ's own (999/759/519/279)
     renoise: Literal["vp", "ve"] = "vp"  # re-noise form between steps (VP as PixArt/SD; VE as Algorithm 1 writes it)
+    renoise_gamma: float | None = None   # vp: the fresh noise's share of each re-noise, the rest the noise the step
+                                         # implies (samplers.lcm); 0: deterministic, a sample is a function of z_T
+                                         # alone, so the teacher's plain ODE endpoint (teacher_renoise=false) is a
+                                         # target the student can reach. None: the init file's sampler gamma (1 if
+                                         # it names none); exported as the file's sampler gamma
     w: float | None = None               # guidance-scale embedding input (default: the init file's sampler w)
     sampler_steps_mix: tuple[int, ...] | None = None  # K drawn per iteration from this list (e.g. [1, 2, 4]), so one
                                          # model serves every K; the exported default sampler keeps sampler_steps
@@ -185,6 +190,11 @@ class FinetuneRun:
                "None or [lo, hi] with 0 < lo <= hi")
         _check(not self.loss.teacher_renoise or self.renoise == "vp", "loss.teacher_renoise", self.loss.teacher_renoise,
                "false unless renoise=vp (the teacher re-noises as the VP sampler does)")
+        g = self.renoise_gamma
+        _check(g is None or (0.0 <= g <= 1.0 and (g == 1.0 or self.renoise == "vp")), "renoise_gamma", g,
+               "null (the init file's) or in [0, 1], and 1 unless renoise=vp")
+        _check(g is None or g == 1.0 or not self.loss.teacher_renoise, "renoise_gamma", g,
+               "1 when loss.teacher_renoise (the teacher re-noises with the fresh draws only)")
 
 
 # The miniature's LPIPS / feature network (SimCLR, VGG-like; never the evaluation classifier), shipped in the repo.
@@ -309,13 +319,14 @@ def check_same_latent_space(teacher, init, teacher_name: str, init_name: str) ->
 def e2e_step(student: nn.Module, autoencoder: nn.Module, images: Tensor, cond: TextCond, *, timesteps: list[int],
              m: int, generator: torch.Generator | None, renoise: str = "vp", w: float | Tensor | None = None,
              checkpoint: bool = True, grad_from_step: int = 0, timestep_scaling: float = 10.0,
-             z0: Tensor | None = None, z_T: Tensor | None = None, noises: list[Tensor] | None = None
-             ) -> tuple[Tensor, Tensor]:
+             z0: Tensor | None = None, z_T: Tensor | None = None, noises: list[Tensor] | None = None,
+             gamma: float = 1.0) -> tuple[Tensor, Tensor]:
     """E2EDiff Algorithm 1, one iteration's forward pass. Returns (z0 [B,...], ẑ0 [B·m,...], m outputs per image in a row).
 
     The loss on ẑ0 and the backward pass through every step are the caller's (``E2EObjective``, the training loop).
     z0: the images' latents when already known (a latent cache); timestep_scaling: the LCM boundary's;
-    z_T, noises: the initial and the K − 1 re-noise draws when the caller draws them (else from `generator`).
+    z_T, noises: the initial and the K − 1 re-noise draws when the caller draws them (else from `generator`);
+    gamma: the fresh draws' share of each re-noise (samplers.lcm).
     """
     from e2ediff.samplers import lcm
 
@@ -334,7 +345,7 @@ def e2e_step(student: nn.Module, autoencoder: nn.Module, images: Tensor, cond: T
         w_in = None if w is None else torch.full((shape[0],), float(w), device=z0.device)
     # for t = T..1: ẑ0 = G_θ(z_t, e_c, t) with LCM boundary terms; z_{t−1} = re-noise(ẑ0) — gradients through all
     z0_hat = lcm(student, z_T, timesteps, cond_m, renoise=renoise, noises=noises, w=w_in,
-                 checkpoint=checkpoint, grad_from_step=grad_from_step, timestep_scaling=timestep_scaling)
+                 checkpoint=checkpoint, grad_from_step=grad_from_step, timestep_scaling=timestep_scaling, gamma=gamma)
     return z0, z0_hat
 
 
@@ -524,6 +535,10 @@ class FinetuneTask(Task):
         sampler = self.init.meta.get("sampler", {})
         self.w = cfg.w if cfg.w is not None else (sampler.get("w") if net.config.guidance_embed else None)
         self.timestep_scaling = float(sampler.get("timestep_scaling", 10.0))   # the student's boundary terms
+        self.gamma = float(cfg.renoise_gamma if cfg.renoise_gamma is not None else sampler.get("gamma", 1.0))
+        if self.gamma != 1.0 and (cfg.renoise != "vp" or cfg.loss.teacher_renoise):
+            raise ValueError(f"renoise_gamma: {cfg.init} samples with gamma={self.gamma}; set renoise_gamma=1 for "
+                             "renoise=ve or loss.teacher_renoise (they re-noise with the fresh draws only)")
         if net.config.guidance_embed and self.w is None:
             raise ValueError(f"{cfg.init} embeds the guidance scale; set w=<scale>")
         if cfg.w_range is not None and not net.config.guidance_embed:
@@ -589,7 +604,8 @@ class FinetuneTask(Task):
             z0, z0_hat = e2e_step(student, self.init.autoencoder, images, cond, timesteps=timesteps,
                                   m=m, generator=generator, renoise=cfg.renoise, w=w,
                                   checkpoint=cfg.checkpointing and not warmup, grad_from_step=cut,
-                                  timestep_scaling=self.timestep_scaling, z0=z0, z_T=z_T, noises=noises)
+                                  timestep_scaling=self.timestep_scaling, z0=z0, z_T=z_T, noises=noises,
+                                  gamma=self.gamma)
         losses, logs = {}, {}
         if not warmup:
             last = self.parts[0].module.final_layer.linear.weight if cfg.loss.gan_adaptive else None
@@ -610,7 +626,7 @@ class FinetuneTask(Task):
                         _, anchor = e2e_step(self.init.denoiser, self.init.autoencoder, images, cond,
                                              timesteps=timesteps, m=a, generator=None, renoise=cfg.renoise, w=w_a,
                                              checkpoint=False, timestep_scaling=self.timestep_scaling, z0=z0,
-                                             z_T=z_T_a, noises=noises_a)
+                                             z_T=z_T_a, noises=noises_a, gamma=self.gamma)
                 term = (first(z0_hat) - anchor).float().square().flatten(1).mean(1).view(len(images), a).mean(1)
                 weight = anchor_weight(cfg.loss, step, cfg.disc_warmup)
                 per_image, logs["anchor"] = per_image + weight * term, term.detach().mean()
@@ -674,6 +690,8 @@ class FinetuneTask(Task):
 
         sampler = {"name": "lcm", "steps": len(self.timesteps), "timesteps": self.timesteps,
                    "renoise": self.cfg.renoise, "w": self.w, "timestep_scaling": self.timestep_scaling}
+        if self.gamma != 1.0:                                      # files sampled the LCMScheduler way name none
+            sampler["gamma"] = self.gamma
         return export_pipeline("e2e", weights["net"], self.parts[0].module.config, self.init.autoencoder,
                                self.init.meta["schedule"], self.prediction, sampler, self.data.captions,
                                self.init.meta.get("text_encoder"), init=str(self.cfg.init))

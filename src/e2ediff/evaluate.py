@@ -86,6 +86,7 @@ def evaluate_model(model_path: str | Path, spec, classifier_dir: str | Path, num
     result.update({"model": str(model_path), "kind": pipe.meta.get("kind"), "sampler": spec.name,
                    "timesteps": spec.resolved_timesteps(), "nfe": spec.nfe, "guidance": spec.guidance,
                    "guidance_interval": spec.guidance_interval, "w": spec.w,
+                   **({"renoise": spec.renoise, "gamma": spec.gamma} if spec.name == "lcm" else {}),
                    "params": n_params, "seed": seed, "sample_seconds": seconds, "model_step": pipe.meta.get("step"),
                    "fp8_layers": len(fp8_layers)})
     return result, images, labels

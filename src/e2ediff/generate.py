@@ -22,6 +22,7 @@ class SamplerSpec:
     guidance_interval: tuple[float, float] | None = None   # DDIM: guidance only at timesteps lo <= t <= hi
     timesteps: tuple[int, ...] | None = None # explicit list (LCM default: diffusers' schedule for `steps`)
     renoise: str = "vp"                      # LCM re-noise form: vp | ve
+    gamma: float = 1.0                       # LCM, vp: the fresh noise's share of each re-noise (0: deterministic)
     w: float | None = None                   # guidance-scale embedding input of an LCM student
     timestep_scaling: float = 10.0           # LCM boundary terms c_skip, c_out: the value the student was distilled with
 
@@ -90,7 +91,7 @@ def sample_latents(pipe, cond: TextCond, spec: SamplerSpec, noise: torch.Tensor,
         if spec.w is not None:
             w = torch.full((len(noise),), float(spec.w), device=noise.device)
         return lcm(pipe.denoiser, noise, timesteps, cond, renoise=spec.renoise, noises=step_noises, w=w,
-                   timestep_scaling=spec.timestep_scaling)
+                   timestep_scaling=spec.timestep_scaling, gamma=spec.gamma)
     raise ValueError(f"sampler {spec.name!r} is not ddim or lcm")
 
 

@@ -40,7 +40,7 @@ RUN_OUTPUT_FILES = ("model.safetensors", "config.yaml", "metrics.jsonl", "eval.j
 RUN_OUTPUT_DIRS = ("checkpoints", "tensorboard", "exports")
 
 SAMPLER_KEYS = {"name": str, "steps": int, "guidance": float, "timesteps": list, "renoise": str, "w": float,
-                "timestep_scaling": float}
+                "gamma": float, "timestep_scaling": float}
 
 
 class GuardError(ValueError):
@@ -367,6 +367,8 @@ def check_model_meta(meta: Any) -> None:
                   f"got {short(value)}")
     if sampler.get("name") not in (None, "ddim", "lcm"):
         _fail(f"metadata key 'sampler.name' must be ddim or lcm, got {short(sampler['name'])}")
+    if sampler.get("gamma") is not None and not 0.0 <= sampler["gamma"] <= 1.0:
+        _fail(f"metadata key 'sampler.gamma' must be in [0, 1], got {sampler['gamma']}")
     if sampler.get("renoise") not in (None, "vp", "ve"):
         _fail(f"metadata key 'sampler.renoise' must be vp or ve, got {short(sampler['renoise'])}")
     if sampler.get("timesteps") is not None and not all(_is(t, int) for t in sampler["timesteps"]):

@@ -73,7 +73,8 @@ class PretrainedFinetuneRun(FinetuneRun):
                                    ("loss.gan_group_std", self.loss.gan_group_std, False),
                                    ("disc_warmup", self.disc_warmup, 0),
                                    ("sampler_steps_mix", self.sampler_steps_mix, None),
-                                   ("w_range", self.w_range, None)):
+                                   ("w_range", self.w_range, None),
+                                   ("renoise_gamma", self.renoise_gamma, None)):
             _check(value == unset, name, value, f"{unset} with --pretrained (a diffusers pipeline): only the "
                    "miniature's finetune implements it so far")
 

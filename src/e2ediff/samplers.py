@@ -8,6 +8,7 @@ E2EDiff Algorithm 1 does). All randomness comes from an explicit generator or ex
 """
 from __future__ import annotations
 
+import math
 from typing import Callable, Sequence
 
 import torch
@@ -132,8 +133,8 @@ def ddim(denoiser: nn.Module, noise: Tensor, timesteps: Sequence[int], cond: Tex
 
 def lcm(denoiser: nn.Module, noise: Tensor, timesteps: Sequence[int], cond: TextCond, *, renoise: str = "vp",
         generator: torch.Generator | None = None, noises: Sequence[Tensor] | None = None, w: Tensor | None = None,
-        boundary: bool = True, checkpoint: bool | str = False, grad_from_step: int = 0, timestep_scaling: float = 10.0
-        ) -> Tensor:
+        boundary: bool = True, checkpoint: bool | str = False, grad_from_step: int = 0, timestep_scaling: float = 10.0,
+        gamma: float = 1.0) -> Tensor:
     """LCM multistep sampling (E2EDiff Algorithm 1; diffusers LCMScheduler) from noise [B, ...]; returns the last
     step's `denoised` [B, ...].
 
@@ -142,6 +143,10 @@ def lcm(denoiser: nn.Module, noise: Tensor, timesteps: Sequence[int], cond: Text
         denoised = c_skip(t_i)·z + c_out(t_i)·x0           (lcm_boundary; timestep_scaling: the scheduler's, LCM 10)
         if not the last step, re-noise to t_{i+1} with fresh ε_i:
           "vp": z = sqrt(ᾱ_{t_{i+1}})·denoised + sqrt(1 − ᾱ_{t_{i+1}})·ε_i        (diffusers LCMScheduler.step)
+                gamma < 1 mixes in the noise the step implies, ε̂ = (z − sqrt(ᾱ_{t_i})·denoised) / sqrt(1 − ᾱ_{t_i}):
+                ε_i ← gamma·ε_i + sqrt(1 − gamma²)·ε̂ (DDIM's generalised step with σ = gamma·sqrt(1 − ᾱ_{t_{i+1}});
+                gamma = 0 is deterministic, η = 0: the sample is a function of the first noise alone, so the
+                teacher's ODE endpoint of it is a target the student can reach, and the draws are not used)
           "ve": the consistency-model form of Algorithm 1, z ← z + sqrt(τ² − σ_min²)·ε with σ_min = 0.
                 The state is the VE latent y = z_t / sqrt(ᾱ_t) = x0 + σ_t·ε, σ_t = sqrt((1 − ᾱ_t)/ᾱ_t)
                 (schedule.ve_sigma). Start y = noise / sqrt(ᾱ_{t_0}) (the same first model input as "vp");
@@ -157,6 +162,9 @@ def lcm(denoiser: nn.Module, noise: Tensor, timesteps: Sequence[int], cond: Text
     steps = check_timesteps(timesteps, schedule.T)
     if renoise not in ("vp", "ve"):
         raise ValueError(f"lcm: renoise must be 'vp' or 've', got {renoise!r}")
+    if not 0.0 <= gamma <= 1.0 or (gamma != 1.0 and renoise != "vp"):
+        raise ValueError(f"lcm: gamma (the fresh noise's share of the re-noise) must be in [0, 1], and 1 unless "
+                         f"renoise='vp'; got gamma={gamma!r} with renoise={renoise!r}")
     step_noises = draw_noises(noise, len(steps) - 1, generator, noises, "lcm") + [None]
 
     def vp_step(z: Tensor, t: Tensor, t_prev: Tensor, eps: Tensor | None) -> Tensor:
@@ -164,6 +172,10 @@ def lcm(denoiser: nn.Module, noise: Tensor, timesteps: Sequence[int], cond: Text
                     else denoiser(z, t, cond, w=w))
         if eps is None:
             return denoised
+        if gamma != 1.0:
+            a_t, s_t = schedule.alpha_sigma(t, z.dtype, z.ndim)
+            implied = (z - a_t * denoised) / s_t             # the noise of z that the step's prediction implies
+            eps = implied if gamma == 0.0 else gamma * eps + math.sqrt(1.0 - gamma * gamma) * implied
         a, s = schedule.alpha_sigma(t_prev, z.dtype, z.ndim)
         return a * denoised + s * eps                       # z_{t_prev} = sqrt(ᾱ)·denoised + sqrt(1 − ᾱ)·ε
 
