@@ -371,6 +371,7 @@ def test_fsdp_lora_on_two_gloo_processes_equals_one_process(folders, tmp_path):
     ("loss.anchor=10", "loss.anchor"), ("loss.real_bank=4", "loss.real_bank"),
     ("disc_warmup=5", "disc_warmup"), ("sampler_steps_mix=[1,2]", "sampler_steps_mix"),
     ("w_range=[1.0,2.0]", "w_range"), ("loss.gan_group_std=true", "loss.gan_group_std"),
+    ("renoise_gamma=0", "renoise_gamma"),
 ])
 def test_miniature_only_switches_are_refused_with_pretrained_not_ignored(override, field):
     from e2ediff.config import ConfigError, resolve
