@@ -41,6 +41,8 @@ def main() -> None:
     p.add_argument("--w", type=float, default=1.5, help="the chains' w (the student's guidance input)")
     p.add_argument("--gains", type=floats, default=(1.0,), help="loss.teacher_solve_gains, e.g. 3,1")
     p.add_argument("--interval", type=floats, default=None, help="loss.teacher_guidance_interval, e.g. 0,300")
+    p.add_argument("--gamma", type=float, default=1.0,
+                   help="renoise_gamma: the fresh draws' share of each re-noise (0: deterministic)")
     p.add_argument("--num-samples", type=int, default=1000)
     p.add_argument("--split", default="val", choices=["val", "test"])
     p.add_argument("--seed", type=int, default=0)
@@ -54,6 +56,8 @@ def main() -> None:
                 f"{args.teacher_steps}, {args.num_samples}")
     if any(g < 0 for g in args.gains):
         p.error(f"--gains must be >= 0, got {args.gains}")
+    if not 0.0 <= args.gamma <= 1.0:
+        p.error(f"--gamma must be in [0, 1], got {args.gamma}")
     try:
         interval = check_guidance_interval(args.interval, "--interval")
     except ValueError as e:
@@ -73,13 +77,15 @@ def main() -> None:
             z = z_T[sl].to(args.device)
             w = torch.full((len(z),), args.w, device=z.device)
             x0 = teacher_target(pipe.denoiser, z, cond[sl].to(args.device), w, timesteps,
-                                [e[sl].to(args.device) for e in noises], grid, gains=args.gains, interval=interval)
+                                [e[sl].to(args.device) for e in noises], grid, gains=args.gains, interval=interval,
+                                gamma=args.gamma)
             out.append(pipe.autoencoder.decode_latents(x0).clamp(-1, 1).cpu())
     seconds = time.perf_counter() - t0
     images = from_model_images(torch.cat(out))
     result = score_images(images, labels, args.classifier, args.split, device=args.device, seed=args.seed)
     result.update({"teacher": str(args.teacher), "student_timesteps": timesteps, "teacher_steps": args.teacher_steps,
                    "w": args.w, "gains": list(args.gains), "interval": None if interval is None else list(interval),
+                   "gamma": args.gamma,
                    "seed": args.seed, "sample_seconds": seconds})
     write_json(args.output, result)
     print(json.dumps({k: result[k] for k in ("fd", "alignment", "diversity_rel", "n")}))

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import contextlib
+import math
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Literal
@@ -193,8 +194,6 @@ class FinetuneRun:
         g = self.renoise_gamma
         _check(g is None or (0.0 <= g <= 1.0 and (g == 1.0 or self.renoise == "vp")), "renoise_gamma", g,
                "null (the init file's) or in [0, 1], and 1 unless renoise=vp")
-        _check(g is None or g == 1.0 or not self.loss.teacher_renoise, "renoise_gamma", g,
-               "1 when loss.teacher_renoise (the teacher re-noises with the fresh draws only)")
 
 
 # The miniature's LPIPS / feature network (SimCLR, VGG-like; never the evaluation classifier), shipped in the repo.
@@ -275,14 +274,15 @@ PRESETS["teacher-anchored-2step"] = replace(PRESETS["teacher-anchored"], sampler
 @torch.no_grad()
 def teacher_target(teacher: nn.Module, z_T: Tensor, cond: TextCond, w: float | Tensor | None, timesteps: list[int],
                    noises: list[Tensor], grid: list[int], gains: tuple[float, ...] = (1.0,),
-                   interval: tuple[float, float] | None = None, schedule=None) -> Tensor:
+                   interval: tuple[float, float] | None = None, schedule=None, gamma: float = 1.0) -> Tensor:
     """The teacher in the student's place in its K-step VP sampler (loss.teacher_renoise): at each of the student's
     timesteps t_i its x0 is the teacher's DDIM solve from z_{t_i} to 0 on `grid` (descending, the teacher's own
     timesteps) below t_i, then z_{t_{i+1}} = sqrt(ᾱ)·x0 + sqrt(1 − ᾱ)·noises[i]; returns the last x0.
     Solve i is classifier-free guided at 1 + gains[i]·(w − 1) for each chain's w (the last gain covers the solves past
     the list; w None or a gain of 0: unguided), only at timesteps inside `interval` when given.
     timesteps = [T − 1] with no noises is the plain probability-flow ODE endpoint of z_T. schedule: the student's, for
-    the re-noise (default the teacher's)."""
+    the re-noise (default the teacher's). gamma < 1 re-noises as the student's sampler does then (samplers.lcm): with
+    gamma·noises[i] + sqrt(1 − gamma²)·ε̂, ε̂ = (z_{t_i} − sqrt(ᾱ_{t_i})·x0) / sqrt(1 − ᾱ_{t_i}) from the teacher's x0."""
     from e2ediff.samplers import ddim
 
     schedule = schedule or teacher.schedule
@@ -293,8 +293,12 @@ def teacher_target(teacher: nn.Module, z_T: Tensor, cond: TextCond, w: float | T
         scale = 1.0 if w is None or gain == 0 else 1 + gain * (w - 1)
         x0 = ddim(teacher, z, path, cond, guidance=scale, guidance_interval=interval)
         if i + 1 < len(timesteps):
+            eps = noises[i]
+            if gamma != 1.0:
+                a_t, s_t = schedule.alpha_sigma(torch.tensor(float(t), device=z.device), z.dtype, z.ndim)
+                eps = gamma * eps + math.sqrt(1.0 - gamma * gamma) * (z - a_t * x0) / s_t
             a, s = schedule.alpha_sigma(torch.tensor(float(timesteps[i + 1]), device=z.device), z.dtype, z.ndim)
-            z = a * x0 + s * noises[i]
+            z = a * x0 + s * eps
     return x0.to(z_T.dtype)
 
 
@@ -536,9 +540,9 @@ class FinetuneTask(Task):
         self.w = cfg.w if cfg.w is not None else (sampler.get("w") if net.config.guidance_embed else None)
         self.timestep_scaling = float(sampler.get("timestep_scaling", 10.0))   # the student's boundary terms
         self.gamma = float(cfg.renoise_gamma if cfg.renoise_gamma is not None else sampler.get("gamma", 1.0))
-        if self.gamma != 1.0 and (cfg.renoise != "vp" or cfg.loss.teacher_renoise):
+        if self.gamma != 1.0 and cfg.renoise != "vp":
             raise ValueError(f"renoise_gamma: {cfg.init} samples with gamma={self.gamma}; set renoise_gamma=1 for "
-                             "renoise=ve or loss.teacher_renoise (they re-noise with the fresh draws only)")
+                             "renoise=ve (it re-noises with the fresh draws only)")
         if net.config.guidance_embed and self.w is None:
             raise ValueError(f"{cfg.init} embeds the guidance scale; set w=<scale>")
         if cfg.w_range is not None and not net.config.guidance_embed:
@@ -658,7 +662,8 @@ class FinetuneTask(Task):
         timesteps, noises = renoise if renoise is not None else (self.teacher_timesteps[:1], [])
         return teacher_target(self.teacher.denoiser, z_T, cond, w, timesteps, noises, self.teacher_timesteps,
                               gains=self.cfg.loss.teacher_solve_gains or (self.cfg.loss.teacher_guidance_gain,),
-                              interval=self.cfg.loss.teacher_guidance_interval, schedule=self.schedule)
+                              interval=self.cfg.loss.teacher_guidance_interval, schedule=self.schedule,
+                              gamma=self.gamma)
 
     @torch.no_grad()
     def after_step(self, step):
