@@ -348,6 +348,12 @@ if [[ "${STAGE:-all}" == teacher ]]; then   # round 9: the anchor's target is th
   # k2:16:10:0:1:g315 k2p:16:10:0:1:d3 k2p:16:10:1:1:d3 k2p:16:10:0:1:d3k4", X_g315="... loss.teacher_solve_gains=[3,1.5]",
   # X_d3="renoise_gamma=0 loss.teacher_guidance_interval=[0,300] loss.teacher_guidance_gain=3",
   # X_d3k4="sampler_steps=4 renoise_gamma=0 loss.teacher_guidance_interval=[0,300] loss.teacher_guidance_gain=3".
+  # Then (end of the twelfth session; the CPU scored it, no machine came): the student's sampler at renoise_gamma=0.5
+  # with the teacher re-noised the same way — the K = 2 target has val FD 0.60 / alignment 0.937 / diversity 0.967
+  # (docs/results.md "Round 13"; gain 4: 0.54 / 0.951 / 0.954, an h5g4 row):
+  # TEACHER_ROWS="k2:16:10:0:1:h5 k2:16:10:1:1:h5 k2:16:10:0:1:h5g4 k2:16:10:0:1:i300g3"
+  # X_h5="renoise_gamma=0.5 loss.teacher_guidance_interval=[0,300] loss.teacher_guidance_gain=3", X_i300g3 the same
+  # without renoise_gamma (the control: round 11's i300g3 row), from K2_INIT=checkpoints/base/e2e_2step.safetensors.
   for spec in ${TEACHER_ROWS:-mix:16:10:0 mix:16:10:1 mix:16:10:2 k2:16:10:0 k2:16:10:1 k2:16:10:2 mix:16:3:0 k2:16:3:0}; do
     IFS=: read -r fam steps lam seed chains tag <<< "$spec"
     xv=X_${tag:-none}; tagx=${!xv:-}
