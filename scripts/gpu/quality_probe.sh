@@ -352,7 +352,8 @@ if [[ "${STAGE:-all}" == teacher ]]; then   # round 9: the anchor's target is th
   # with the teacher re-noised the same way — the K = 2 target has val FD 0.60 / alignment 0.937 / diversity 0.967
   # (docs/results.md "Round 13"; gain 4: 0.54 / 0.951 / 0.954, an h5g4 row):
   # TEACHER_ROWS="k2:16:10:0:1:h5 k2:16:10:1:1:h5 k2:16:10:0:1:h5g4 k2:16:10:0:1:i300g3"
-  # X_h5="renoise_gamma=0.5 loss.teacher_guidance_interval=[0,300] loss.teacher_guidance_gain=3", X_i300g3 the same
+  # X_h5="renoise_gamma=0.5 loss.teacher_guidance_interval=[0,300] loss.teacher_guidance_gain=3", X_h5g4 the same
+  # with loss.teacher_guidance_gain=4, X_i300g3 the same
   # without renoise_gamma (the control: round 11's i300g3 row), from K2_INIT=checkpoints/base/e2e_2step.safetensors.
   for spec in ${TEACHER_ROWS:-mix:16:10:0 mix:16:10:1 mix:16:10:2 k2:16:10:0 k2:16:10:1 k2:16:10:2 mix:16:3:0 k2:16:3:0}; do
     IFS=: read -r fam steps lam seed chains tag <<< "$spec"
