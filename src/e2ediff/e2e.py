@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import copy
 import contextlib
-import math
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Literal
@@ -281,9 +280,9 @@ def teacher_target(teacher: nn.Module, z_T: Tensor, cond: TextCond, w: float | T
     Solve i is classifier-free guided at 1 + gains[i]·(w − 1) for each chain's w (the last gain covers the solves past
     the list; w None or a gain of 0: unguided), only at timesteps inside `interval` when given.
     timesteps = [T − 1] with no noises is the plain probability-flow ODE endpoint of z_T. schedule: the student's, for
-    the re-noise (default the teacher's). gamma < 1 re-noises as the student's sampler does then (samplers.lcm): with
-    gamma·noises[i] + sqrt(1 − gamma²)·ε̂, ε̂ = (z_{t_i} − sqrt(ᾱ_{t_i})·x0) / sqrt(1 − ᾱ_{t_i}) from the teacher's x0."""
-    from e2ediff.samplers import ddim
+    the re-noise (default the teacher's). gamma < 1 mixes the noise the teacher's x0 implies into each re-noise, as
+    the student's sampler does with its own (samplers.vp_renoise)."""
+    from e2ediff.samplers import ddim, vp_renoise
 
     schedule = schedule or teacher.schedule
     z = z_T
@@ -293,12 +292,8 @@ def teacher_target(teacher: nn.Module, z_T: Tensor, cond: TextCond, w: float | T
         scale = 1.0 if w is None or gain == 0 else 1 + gain * (w - 1)
         x0 = ddim(teacher, z, path, cond, guidance=scale, guidance_interval=interval)
         if i + 1 < len(timesteps):
-            eps = noises[i]
-            if gamma != 1.0:
-                a_t, s_t = schedule.alpha_sigma(torch.tensor(float(t), device=z.device), z.dtype, z.ndim)
-                eps = gamma * eps + math.sqrt(1.0 - gamma * gamma) * (z - a_t * x0) / s_t
-            a, s = schedule.alpha_sigma(torch.tensor(float(timesteps[i + 1]), device=z.device), z.dtype, z.ndim)
-            z = a * x0 + s * eps
+            t_now, t_next = (torch.tensor(float(s), device=z.device) for s in (t, timesteps[i + 1]))
+            z = vp_renoise(schedule, z, x0, t_now, t_next, noises[i], gamma)
     return x0.to(z_T.dtype)
 
 

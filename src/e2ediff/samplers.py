@@ -61,6 +61,18 @@ def draw_noises(like: Tensor, count: int, generator: torch.Generator | None,
             for _ in range(count)]
 
 
+def vp_renoise(schedule, z: Tensor, x0: Tensor, t: Tensor, t_next: Tensor, eps: Tensor, gamma: float = 1.0) -> Tensor:
+    """z_{t_next} = sqrt(ᾱ_{t_next})·x0 + sqrt(1 − ᾱ_{t_next})·ε from the state z at t and its prediction x0 (the LCM
+    sampler's VP re-noise). gamma < 1 mixes in the noise the prediction implies, ε̂ = (z − sqrt(ᾱ_t)·x0) / sqrt(1 − ᾱ_t):
+    ε = gamma·eps + sqrt(1 − gamma²)·ε̂ (gamma = 0: ε̂ alone, eps unused)."""
+    if gamma != 1.0:
+        a_t, s_t = schedule.alpha_sigma(t, z.dtype, z.ndim)
+        implied = (z - a_t * x0) / s_t                       # the noise of z that the prediction implies
+        eps = implied if gamma == 0.0 else gamma * eps + math.sqrt(1.0 - gamma * gamma) * implied
+    a, s = schedule.alpha_sigma(t_next, z.dtype, z.ndim)
+    return a * x0 + s * eps
+
+
 def unroll(step_fn: StepFn, z: Tensor, timesteps: Sequence[int], *, noises: Sequence[Tensor | None] | None = None,
            checkpoint: bool | str = False, grad_from_step: int = 0) -> Tensor:
     """Run z through step_fn for each t_i of `timesteps` and return the final z.
@@ -172,12 +184,7 @@ def lcm(denoiser: nn.Module, noise: Tensor, timesteps: Sequence[int], cond: Text
                     else denoiser(z, t, cond, w=w))
         if eps is None:
             return denoised
-        if gamma != 1.0:
-            a_t, s_t = schedule.alpha_sigma(t, z.dtype, z.ndim)
-            implied = (z - a_t * denoised) / s_t             # the noise of z that the step's prediction implies
-            eps = implied if gamma == 0.0 else gamma * eps + math.sqrt(1.0 - gamma * gamma) * implied
-        a, s = schedule.alpha_sigma(t_prev, z.dtype, z.ndim)
-        return a * denoised + s * eps                       # z_{t_prev} = sqrt(ᾱ)·denoised + sqrt(1 − ᾱ)·ε
+        return vp_renoise(schedule, z, denoised, t, t_prev, eps, gamma)   # sqrt(ᾱ)·denoised + sqrt(1 − ᾱ)·ε
 
     def ve_step(y: Tensor, t: Tensor, t_prev: Tensor, eps: Tensor | None) -> Tensor:
         a, _ = schedule.alpha_sigma(t, y.dtype, y.ndim)
