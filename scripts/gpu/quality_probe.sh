@@ -355,6 +355,15 @@ if [[ "${STAGE:-all}" == teacher ]]; then   # round 9: the anchor's target is th
   # X_h5="renoise_gamma=0.5 loss.teacher_guidance_interval=[0,300] loss.teacher_guidance_gain=3", X_h5g4 the same
   # with loss.teacher_guidance_gain=4, X_i300g3 the same
   # without renoise_gamma (the control: round 11's i300g3 row), from K2_INIT=checkpoints/base/e2e_2step.safetensors.
+  # Round 14 (run 2026-12-07, docs/results.md "Round 14"): TEACHER_ROWS="k2:16:10:{0,1,2}:1:h5g4 k2:16:10:0:1:h5
+  # k2:16:10:0:1:h75g4 k2:16:10:0:1:i300g4" (X_h75g4: renoise_gamma=0.75, X_i300g4: gain 4 at γ = 1), ROW_SECONDS=380,
+  # then the same command with ROW_SECONDS=290 on the warm machine (every row resumes): h5g4 at ~1,360 steps has test
+  # K = 2 FD 0.552x, diversity 0.913 and alignment 0.909 (the student's 0.918). Next (planned): the same from scratch
+  # for longer, and the target's alignment raised (X_h5g5: gain 5), the anchor on all four chains (a fifth field of 4:
+  # "k2:16:10:0:4:h5g4"), and K = 4 from base/e2e (a call with base/e2e in the tree and base/e2e_2step out):
+  # TEACHER_ROWS="mix:16:10:0:1:h5g4k4 mix:16:10:1:1:h5g4k4 mix:16:10:2:1:h5g4k4" X_h5g4k4="sampler_steps=4
+  # sampler_steps_mix=null renoise_gamma=0.5 loss.teacher_guidance_interval=[0,300] loss.teacher_guidance_gain=4"
+  # (its K = 4 target: val FD 0.59 / alignment 0.942 / diversity 0.962 on the CPU).
   for spec in ${TEACHER_ROWS:-mix:16:10:0 mix:16:10:1 mix:16:10:2 k2:16:10:0 k2:16:10:1 k2:16:10:2 mix:16:3:0 k2:16:3:0}; do
     IFS=: read -r fam steps lam seed chains tag <<< "$spec"
     xv=X_${tag:-none}; tagx=${!xv:-}
