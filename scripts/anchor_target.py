@@ -31,7 +31,7 @@ def main() -> None:
     from e2ediff.denoiser import check_guidance_interval
     from e2ediff.e2e import teacher_target
     from e2ediff.evaluate import score_images, write_json
-    from e2ediff.generate import balanced_labels, sample_noises, text_features
+    from e2ediff.generate import balanced_labels, sample_noises, save_samples_npz, text_features
     from e2ediff.schedules import ddim_timesteps, lcm_timesteps
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -50,6 +50,7 @@ def main() -> None:
     p.add_argument("--classifier", type=Path, default=Path("checkpoints/classifier"))
     p.add_argument("--device", default="cpu")
     p.add_argument("--output", type=Path, required=True, help="JSON file for the row")
+    p.add_argument("--save-samples", type=Path, help="also write the target's images as DIR/samples.npz")
     args = p.parse_args()
     if args.steps < 0 or args.teacher_steps < 1 or args.num_samples < 10:
         p.error(f"--steps >= 0, --teacher-steps >= 1 and --num-samples >= 10 needed, got {args.steps}, "
@@ -88,6 +89,9 @@ def main() -> None:
                    "gamma": args.gamma,
                    "seed": args.seed, "sample_seconds": seconds})
     write_json(args.output, result)
+    if args.save_samples:
+        save_samples_npz(args.save_samples / "samples.npz", images, labels,
+                         [default_prompts()[c] for c in labels])
     print(json.dumps({k: result[k] for k in ("fd", "alignment", "diversity_rel", "n")}))
 
 
