@@ -69,7 +69,8 @@ def main() -> None:
     grid = ddim_timesteps(args.teacher_steps, schedule.T, spacing="trailing")
     timesteps = lcm_timesteps(args.steps) if args.steps else grid[:1]
     labels = balanced_labels(args.num_samples)
-    cond = text_features([default_prompts()[c] for c in labels], pipe.meta.get("captions"))
+    prompts = [default_prompts()[c] for c in labels]
+    cond = text_features(prompts, pipe.meta.get("captions"))
     z_T, noises = sample_noises(pipe, args.num_samples, len(timesteps) - 1, args.seed)   # as `evaluate` draws
     t0, out = time.perf_counter(), []
     with torch.no_grad():
@@ -90,8 +91,7 @@ def main() -> None:
                    "seed": args.seed, "sample_seconds": seconds})
     write_json(args.output, result)
     if args.save_samples:
-        save_samples_npz(args.save_samples / "samples.npz", images, labels,
-                         [default_prompts()[c] for c in labels])
+        save_samples_npz(args.save_samples / "samples.npz", images, labels, prompts)
     print(json.dumps({k: result[k] for k in ("fd", "alignment", "diversity_rel", "n")}))
 
 

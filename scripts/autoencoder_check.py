@@ -39,8 +39,7 @@ def main() -> None:
     if args.save_samples:
         prompts = [default_prompts()[int(c)] for c in labels]
         for name, data in (("real", images), ("reconstructions", recon)):
-            save_samples_npz(args.save_samples / f"{name}.npz", data.cpu().numpy() if torch.is_tensor(data) else data,
-                             labels, prompts)
+            save_samples_npz(args.save_samples / f"{name}.npz", data, labels, prompts)   # both uint8 numpy
         print(f"samples -> {args.save_samples}/real.npz, {args.save_samples}/reconstructions.npz")
 
 
