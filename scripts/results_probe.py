@@ -8,7 +8,9 @@ and each FD as a ratio to the student's at the same K (the issue-#9 bar: ≤ 0.7
     python scripts/results_probe.py DIR --best-per-family            # the best export of each family of rows
     python scripts/results_probe.py DIR --best ROW --bar             # ... ranked by the issue's bar first (round 8)
 
-A row NAME@STEP is the export of row NAME at that training step; they follow their row's name in step order.
+A row NAME@STEP is the export of row NAME at that training step; they follow their row's name in step order. NAME@STEPwW
+or NAME@STEPwWgGAMMA is that export sampled at guidance input W (and renoise_gamma GAMMA): `--best` chooses among
+them too.
 """
 from __future__ import annotations
 
@@ -17,9 +19,18 @@ import sys
 from pathlib import Path
 
 
-def _order(name: str) -> tuple[str, int]:
+def _order(name: str) -> tuple[str, int, str]:
     base, _, step = name.partition("@")
-    return base, int(step) if step.isdigit() else 1 << 62      # a row's exports in step order, then its last model
+    digits = step.split("w")[0].split("g")[0]                  # NAME@STEP[wW][gGAMMA]: the dial after the step
+    dial = step[len(digits):]
+    # a row's exports in step order (each step's sampling dials after its default), then its last model
+    return base, int(digits) if digits.isdigit() else 1 << 62, dial
+
+
+def row_ks(name: str) -> tuple[int, ...]:
+    """The Ks a row is chosen by: K = 2 alone for a two-step model (``k2*``), K = 4 alone for a four-step one
+    (``k4*``), else 2 and 4."""
+    return (2,) if name.startswith("k2") else (4,) if name.startswith("k4") else (2, 4)
 
 
 def load(folder: Path, split: str = "val") -> dict[str, dict[int, dict]]:
@@ -35,16 +46,15 @@ def load(folder: Path, split: str = "val") -> dict[str, dict[int, dict]]:
 
 
 def val_score(rows: dict[str, dict[int, dict]], name: str) -> float:
-    """Sum of the val FD ratios to the student at K = 2 and 4 — at K = 2 alone for a two-step model (a row named
-    ``k2*``); KeyError if a needed row is missing."""
-    ks = (2,) if name.startswith("k2") else (2, 4)
+    """Sum of the val FD ratios to the student at the row's Ks (``row_ks``); KeyError if a needed row is missing."""
+    ks = row_ks(name)
     return sum(rows[name][k]["fd"] / rows["student"][k]["fd"] for k in ks)
 
 
 def bar_misses(rows: dict[str, dict[int, dict]], name: str) -> int:
     """How many of the issue-#9 bar's conditions the export misses on val, at each K its score uses: FD ≤ 0.7× the
     student's, alignment ≥ the student's, diversity in [0.9, 1.1]; KeyError if a needed row is missing."""
-    ks = (2,) if name.startswith("k2") else (2, 4)
+    ks = row_ks(name)
     misses = 0
     for k in ks:
         r, s = rows[name][k], rows["student"][k]
@@ -71,7 +81,7 @@ def best_exports(folder: Path, names: list[str] | None = None, per_family: bool 
         key = row.rsplit("_s", 1)[0] if per_family else row
         if key not in best or score < best[key][0]:
             best[key] = (score, export)
-    ranked = sorted(best.values(), key=lambda item: (item[0][0], item[0][1] / (1 if item[1].startswith("k2") else 2)))
+    ranked = sorted(best.values(), key=lambda item: (item[0][0], item[0][1] / len(row_ks(item[1]))))
     return [export for _, export in ranked]   # best first: fewest bar misses, then the mean FD ratio
 
 

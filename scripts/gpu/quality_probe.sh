@@ -45,9 +45,10 @@ save() {  # an evaluation's log is kept only when it has no JSON (a failure): a 
   tar czf "$OUT/quality_rows.tgz" "$R"/*.json "${logs[@]}" "$R"/*/metrics.jsonl "$R"/*/config.yaml 2>/dev/null; }
 
 SPLIT=${SPLIT:-val}   # choose on val; STAGE=confirm reports on test
-evaluate() {  # evaluate NAME MODEL K: one JSON row in $R/eval_NAME_kK_$SPLIT.json
+evaluate() {  # evaluate NAME MODEL K [W [GAMMA]]: one JSON row in $R/eval_NAME_kK_$SPLIT.json (W default 1.5, GAMMA
+  # default the model file's renoise_gamma)
   $E evaluate --checkpoint "$2" --classifier "$CLS" --steps "$3" --num-samples "$N" --split "$SPLIT" --device "$DEV" \
-    --w 1.5 --output "$R/eval_$1_k$3_$SPLIT.json" > "$R/eval_$1_k$3_$SPLIT.log" 2>&1
+    --w "${4:-1.5}" ${5:+--gamma "$5"} --output "$R/eval_$1_k$3_$SPLIT.json" > "$R/eval_$1_k$3_$SPLIT.log" 2>&1
 }
 row() {  # row NAME [overrides]: time-limited E2E fine-tune of the student, then its K = 1, 2, 4 validation rows
   local name=$1; shift
@@ -82,33 +83,50 @@ F="loss.lpips_weights=$LP"
 MIX="sampler_steps_mix=[1,2,4] train.keep_exports=true"     # rows of rounds 1-2: K drawn per step, exports kept
 
 # rounds 6-7, FINAL=1: each row's exports at multiples of EVAL_EVERY past SNAP_MIN and its last model are scored on
-# val; the export with the best val (sum of its K = 2 and 4 FD ratios; K = 2 alone for k2* rows) is scored on test at
-# K = 1, 2, 4 (TEST_N)
+# val; the export with the best val (sum of its K = 2 and 4 FD ratios; K = 2 alone for k2* rows, K = 4 alone for k4*
+# rows) is scored on test at TEST_KS (default K = 1, 2, 4; TEST_N samples). Round 15: EVAL_DIALS, the sampling dials
+# each export is scored at on val, as W or W/GAMMA items (default "1.5": w = 1.5 at the file's own renoise_gamma); a
+# dial other than that default names the export NAME@STEPwW[gGAMMA], and the choice on val picks the dial too.
 EVERY=${EVAL_EVERY:-900}
-export_path() { echo "$R/${1%@*}/exports/model_step_$(printf %08d "${1#*@}").safetensors"; }   # NAME@STEP's file
-final() {  # final NAME: val snapshots, the best export by val, that export on test
-  local f step best last
+export_path() {  # NAME@STEP[dial]'s file
+  local s=${1#*@}; s=${s%%[wg]*}; echo "$R/${1%@*}/exports/model_step_$(printf %08d "$s").safetensors"; }
+dial_tag() { local w=${1%/*} g=; [[ $1 == */* ]] && g=${1#*/}; [[ $w == 1.5 && -z $g ]] || echo "w$w${g:+g$g}"; }
+row_ks() { case $1 in k2*) echo 2 ;; k4*) echo 4 ;; *) echo 2 4 ;; esac; }   # the Ks a row is chosen by
+final() {  # final NAME: val snapshots at each dial, the best (export, dial) by val, that on test
+  local f step best last dial tag w g
   [ -n "${FINAL:-}" ] && [ -f "$R/$1/model.safetensors" ] || return 0
   [[ -n "${SKIP:-}" && "$1" =~ $SKIP ]] && return 0
   last=$(ls "$R/$1"/exports/model_step_*.safetensors | tail -1)
   for f in "$R/$1"/exports/model_step_*.safetensors; do
     step=${f##*_step_}; step=$((10#${step%.safetensors}))
     { [ $((step % EVERY)) -eq 0 ] && [ "$step" -gt "${SNAP_MIN:-1000}" ]; } || [ "$f" = "$last" ] || continue
-    for k in 2 4; do [ -f "$R/eval_$1@${step}_k${k}_val.json" ] || evaluate "$1@$step" "$f" $k; done
+    for dial in ${EVAL_DIALS:-1.5}; do
+      tag=$(dial_tag "$dial"); w=${dial%/*}; g=; [[ $dial == */* ]] && g=${dial#*/}
+      for k in $(row_ks "$1"); do
+        [ -f "$R/eval_$1@${step}${tag}_k${k}_val.json" ] || evaluate "$1@$step$tag" "$f" $k "$w" $g
+      done
+    done
   done
   best=$(python3 scripts/results_probe.py "$R" --best "$1" ${BAR:+--bar})
   [ -n "$best" ] || return 0
   echo "$1: best on val $best"; local path; path=$(export_path "$best")
-  for k in 1 2 4; do [ -f "$R/eval_${best}_k${k}_test.json" ] || SPLIT=test N=${TEST_N:-10000} evaluate "$best" "$path" $k
+  tag=${best#*@}; tag=${tag#"${tag%%[wg]*}"}; w=1.5; g=
+  [[ $tag =~ w([0-9.]+) ]] && w=${BASH_REMATCH[1]}; [[ $tag =~ g([0-9.]+) ]] && g=${BASH_REMATCH[1]}
+  local ks="1 2 4"; [[ $1 == k[24]* ]] && ks=$(row_ks "$1")   # a one-K model is scored on test at its K
+  for k in ${TEST_KS:-$ks}; do
+    [ -f "$R/eval_${best}_k${k}_test.json" ] || SPLIT=test N=${TEST_N:-10000} evaluate "$best" "$path" $k "$w" $g
   done
 }
 final_student() { [ -z "${FINAL:-}" ] || [ ! -f "$LCM" ] ||
   for k in 1 2 4; do [ -f "$R/eval_student_k${k}_test.json" ] || SPLIT=test N=${TEST_N:-10000} evaluate student "$LCM" $k; done; }
-fp16_best() {  # float16 copies of the best export of each family (by val) to $OUT
+fp16_best() {  # float16 copies of the best export of each family (by val) to $OUT, sharing the base autoencoder
+  # copied there once (10.8 MB a file instead of 15.8: $OUT brings back at most 8 files and 64 MiB)
   [ -n "${FINAL:-}" ] && [ -n "${OUT:-}" ] || return 0
-  python3 scripts/results_probe.py "$R" --best-per-family ${BAR:+--bar} |   # best first; at most FP16_MAX (3) of
-    awk -v n="${FP16_MAX:-3}" '{ f = ($0 ~ /^k2/); if (c[f]++ < n) print }' |   # the k2 and of the other families
-    while read -r best; do [ -z "$best" ] || $E convert "$(export_path "$best")" "$OUT/q_${best%@*}.safetensors"; done
+  cp checkpoints/base/autoencoder.safetensors "$OUT/"
+  python3 scripts/results_probe.py "$R" --best-per-family ${BAR:+--bar} |   # best first; at most FP16_MAX (2) of
+    awk -v n="${FP16_MAX:-2}" '{ f = ($0 ~ /^k2/); if (c[f]++ < n) print }' |   # the k2 and of the other families
+    while read -r best; do [ -z "$best" ] || { echo "fp16 copy: $best"; $E convert "$(export_path "$best")" \
+      "$OUT/q_${best%@*}.safetensors" --share-autoencoder "$OUT/autoencoder.safetensors"; }; done
 }
 
 if [[ "${STAGE:-all}" == bench || "${STAGE:-all}" == all ]]; then
@@ -368,10 +386,13 @@ if [[ "${STAGE:-all}" == teacher ]]; then   # round 9: the anchor's target is th
     IFS=: read -r fam steps lam seed chains tag <<< "$spec"
     xv=X_${tag:-none}; tagx=${!xv:-}
     [ -z "$tag" ] || [ -n "$tagx" ] || { echo "TEACHER_ROWS $spec: X_$tag is not set" >&2; continue; }
-    name=${fam}t${steps}a${lam}${tag}_s$seed; preset=anchored
+    name=${fam}t${steps}a${lam}${tag}_s$seed; preset=anchored   # round 15: ...c$chains when chains != 1
+    [ "${chains:-1}" = 1 ] || name=${fam}t${steps}a${lam}${tag}c${chains}_s$seed
     x="loss.teacher_renoise=true loss.anchor_samples=${chains:-1} $tagx"
     init=checkpoints/base/e2e.safetensors
     [[ $fam == k2* ]] && preset=anchored-2step && init=${K2_INIT:-$init}
+    # round 15: k4 (`anchored` with K fixed at 4, one model per K as k2 is), from K4_INIT (default base/e2e)
+    [[ $fam == k4* ]] && x="$x sampler_steps=4 sampler_steps_mix=null" && init=${K4_INIT:-$init}
     [[ $fam == *p ]] && x="loss.anchor_samples=${chains:-1} $tagx"   # round 13: the tag's overrides kept
     (PRESET=$preset INIT=$init row "$name" $A loss.anchor="$lam" loss.anchor_to=teacher \
        loss.teacher="$T" loss.teacher_steps="$steps" $x train.seed="$seed"; final "$name"; save) &
