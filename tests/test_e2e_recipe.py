@@ -467,6 +467,15 @@ def test_every_finetune_preset_is_a_valid_run():
     # round 10's third stage of the two-step model (base/e2e_2step): the same with K fixed at 2, run longer
     assert PRESETS["teacher-anchored-2step"] == dataclasses.replace(
         teacher, sampler_steps=2, sampler_steps_mix=None, train=dataclasses.replace(teacher.train, steps=1300))
+    # round 15's models (base/e2e_2step, base/e2e): one per K, trained at renoise_gamma 0.5 toward the teacher re-noised
+    # the same way, guided at low noise only, on every chain — what quality_probe.sh ran as overrides (X_h5g4 / X_h5g5)
+    for name, k, gain, steps in (("gamma-anchored-2step", 2, 4.0, 1100), ("gamma-anchored-4step", 4, 5.0, 900)):
+        base = PRESETS["teacher-anchored-2step"] if k == 2 else teacher
+        assert PRESETS[name] == dataclasses.replace(
+            base, sampler_steps=k, sampler_steps_mix=None, renoise_gamma=0.5,
+            loss=dataclasses.replace(base.loss, anchor_samples=4, teacher_guidance_interval=(0.0, 300.0),
+                                     teacher_guidance_gain=gain),
+            train=dataclasses.replace(base.train, steps=steps))
 
 
 def test_checkpointing_except_last_is_a_finetune_option_with_the_same_result(tmp_path):

@@ -64,12 +64,17 @@ def test_shipped_pipeline_files():
     student, e2e = all_tensors(folder / "lcm.safetensors"), all_tensors(folder / "e2e.safetensors")
     assert any(not torch.equal(student[k], e2e[k]) for k in student if k.startswith("net/"))
     spec = {name: SamplerSpec.from_meta(read_model_meta(folder / f"{name}.safetensors")) for name in ("e2e", "lcm")}
-    assert spec["e2e"] == spec["lcm"]                   # the student's default sampler (w, timesteps, LCM boundary)
+    # the student's four-step sampler (timesteps, LCM boundary); w and renoise_gamma are the file's own dials, chosen
+    # on validation (docs/results.md, round 15)
+    assert replace(spec["e2e"], w=spec["lcm"].w, gamma=spec["lcm"].gamma) == spec["lcm"]
+    assert (spec["e2e"].w, spec["e2e"].gamma) == (2.0, 0.7)
 
 
-@pytest.mark.parametrize("name,timesteps", [("e2e_1step", [999]), ("e2e_2step", [999, 499])])
+@pytest.mark.parametrize("name,timesteps", [("e2e_1step", [999]), ("e2e_2step", [999, 499]),
+                                            ("e2e", [999, 759, 499, 259])])
 def test_shipped_base_per_k_models(name, timesteps):
-    """The one- and two-step E2E models sample at their own K by default and load through the shared autoencoder."""
+    """The one-, two- and four-step E2E models sample at their own K by default and load through the shared
+    autoencoder."""
     path = ROOT / "base" / f"{name}.safetensors"
     assert path.stat().st_size <= MAX_BYTES
     meta = read_model_meta(path)
@@ -112,6 +117,21 @@ def test_convert_to_float16_and_back(pipeline_files, tmp_path, capsys):
     for name, p in pipe16.denoiser.named_parameters():
         assert p.dtype == torch.float32
         assert torch.allclose(p, p32[name], rtol=1e-3, atol=1e-4), name
+
+
+def test_convert_sets_the_sampling_dials(pipeline_files, tmp_path, capsys):
+    """--w / --gamma change only the file's default sampler; `evaluate` and `sample` read it back."""
+    src = pipeline_files["student"]
+    out = tmp_path / "dialled.safetensors"
+    assert main(["convert", str(src), str(out), "--w", "2.0", "--gamma", "0.6"]) == 0
+    before, after = SamplerSpec.from_meta(read_model_meta(src)), SamplerSpec.from_meta(read_model_meta(out))
+    assert (after.w, after.gamma) == (2.0, 0.6) and (before.w, before.gamma) != (2.0, 0.6)
+    assert replace(after, w=before.w, gamma=before.gamma) == before
+    assert all(torch.equal(v, all_tensors(src)[k].half()) for k, v in all_tensors(out).items() if v.is_floating_point())
+    for flags, words in ((["--gamma", "1.5"], "--gamma must be in [0, 1], got 1.5"), (["--w", "0"], "--w must be > 0")):
+        msg = run_error(capsys, "convert", src, tmp_path / "bad.safetensors", *flags)
+        assert words in msg
+        assert not (tmp_path / "bad.safetensors").exists()
 
 
 def test_convert_refuses_its_input_and_missing_files(pipeline_files, tmp_path, capsys):

@@ -123,7 +123,9 @@ fp16_best() {  # float16 copies of the best export of each family (by val) to $O
   # copied there once (10.8 MB a file instead of 15.8: $OUT brings back at most 8 files and 64 MiB)
   [ -n "${FINAL:-}" ] && [ -n "${OUT:-}" ] || return 0
   cp checkpoints/base/autoencoder.safetensors "$OUT/"
-  python3 scripts/results_probe.py "$R" --best-per-family ${BAR:+--bar} |   # best first; at most FP16_MAX (2) of
+  # FP16_ROWS=1: the best export of each row instead of each family (3 seeds of one recipe: FP16_MAX=2 brings 4)
+  local pick=--best-per-family; [ -z "${FP16_ROWS:-}" ] || pick=--best
+  python3 scripts/results_probe.py "$R" $pick ${BAR:+--bar} |   # best first; at most FP16_MAX (2) of
     awk -v n="${FP16_MAX:-2}" '{ f = ($0 ~ /^k2/); if (c[f]++ < n) print }' |   # the k2 and of the other families
     while read -r best; do [ -z "$best" ] || { echo "fp16 copy: $best"; $E convert "$(export_path "$best")" \
       "$OUT/q_${best%@*}.safetensors" --share-autoencoder "$OUT/autoencoder.safetensors"; }; done

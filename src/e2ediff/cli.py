@@ -113,6 +113,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--share-autoencoder", type=Path, metavar="FILE",
                    help="an autoencoder file beside OUTPUT that holds this pipeline's autoencoder (equal at --dtype): "
                         "OUTPUT keeps a checked reference to it instead of a copy (the shipped files share one)")
+    p.add_argument("--w", type=float, help="set OUTPUT's default guidance input w of its LCM sampler (the dial "
+                   "`sample` and `evaluate` use without --w; e.g. the one chosen on validation)")
+    p.add_argument("--gamma", type=float, help="set OUTPUT's default renoise_gamma of its LCM sampler, in [0, 1]")
 
     p = sub.add_parser("demo", help="the Fashion-MNIST miniature on a CPU: fine-tune, evaluate, write a report")
     p.add_argument("--output", type=Path, default=Path("runs/demo"), help="report folder")
@@ -474,6 +477,19 @@ def cmd_convert(args) -> None:
     if source.resolve() == args.output.resolve():
         raise ValueError(f"convert: output {args.output} is the input file; write to another path")
     tensors, meta = load_model_file(source)
+    if args.w is not None or args.gamma is not None:   # the file's default sampling dials
+        sampler = meta.get("sampler")
+        if not sampler or sampler.get("name") != "lcm":
+            raise ValueError(f"convert: --w / --gamma set an LCM sampler's defaults; {source}'s sampler is "
+                             f"{(sampler or {}).get('name')!r}")
+        if args.w is not None and args.w <= 0:
+            raise ValueError(f"convert: --w must be > 0, got {args.w}")
+        if args.gamma is not None and not 0.0 <= args.gamma <= 1.0:
+            raise ValueError(f"convert: --gamma must be in [0, 1], got {args.gamma}")
+        if sampler.get("renoise", "vp") != "vp" and args.gamma is not None:
+            raise ValueError(f"convert: --gamma needs the vp re-noise; {source}'s is {sampler.get('renoise')!r}")
+        meta["sampler"] = {**sampler, **({"w": args.w} if args.w is not None else {}),
+                           **({"gamma": args.gamma} if args.gamma is not None else {})}
     tensors = with_autoencoder(source, tensors, meta)   # a shared autoencoder is copied in unless shared again
     meta.pop("autoencoder_file", None)
     dtype = getattr(torch, args.dtype)

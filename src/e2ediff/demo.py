@@ -44,15 +44,17 @@ def from_scratch(out: Path) -> dict[str, Path]:
     return {"lcm": runs / "lcm" / "model.safetensors", "classifier": runs / "classifier"}
 
 
-def shipped_models() -> tuple[dict[str, Path], list[tuple[str, Path]]]:
+def shipped_models() -> tuple[dict[str, Path], list[tuple[str, Path, tuple[int, ...]]]]:
+    """The shipped student, classifier and LPIPS network, and the shipped E2E models, one per K (as the paper trains
+    them), each with the K it is scored at."""
     models = {"lcm": SHIPPED / "base" / "lcm.safetensors", "classifier": SHIPPED / "classifier",
               "lpips": SHIPPED / "lpips_fashion.safetensors"}
-    extra = [("E2E, shipped (anchored adversarial, three stages, the last anchored to the guided teacher)",
-              SHIPPED / "base" / "e2e.safetensors"),
-             ("E2E two-step, shipped (anchored, K = 2 only, three stages, the last anchored to the guided teacher)",
-              SHIPPED / "base" / "e2e_2step.safetensors"),
-             ("E2E one-step, shipped (best at K = 1 on val)", SHIPPED / "base" / "e2e_1step.safetensors")]
-    for name, path in [*models.items(), *extra]:
+    extra = [("E2E four-step, shipped (teacher-anchored at renoise_gamma 0.5; w 2, gamma 0.7 by default)",
+              SHIPPED / "base" / "e2e.safetensors", (4,)),
+             ("E2E two-step, shipped (teacher-anchored at renoise_gamma 0.5; w 2 by default)",
+              SHIPPED / "base" / "e2e_2step.safetensors", (2,)),
+             ("E2E one-step, shipped (best at K = 1 on val)", SHIPPED / "base" / "e2e_1step.safetensors", (1,))]
+    for name, path in [*models.items(), *((name, path) for name, path, _ in extra)]:
         if not Path(path).exists():
             raise FileNotFoundError(f"shipped model {name} missing: {path} (run from a full clone, or use "
                                     f"--from-scratch)")
@@ -82,11 +84,11 @@ def run_demo(out: Path, scratch: bool = False, finetune_steps: int = 20, num_sam
     _run(["finetune", "--preset", preset, "--run-dir", str(finetune_dir), *recipe, f"init={models['lcm']}",
           f"train.steps={finetune_steps}", "train.batch_size=8", "samples_per_caption=4",
           "train.checkpoint_every=10", "train.log_every=2", "train.device=cpu"])
-    rows = [("LCM student" + ("" if scratch else ", shipped"), models["lcm"]), *extra,
-            (f"E2E fine-tune of the student, {finetune_steps} steps here", finetune_dir / "model.safetensors")]
+    rows = [("LCM student" + ("" if scratch else ", shipped"), models["lcm"], STEPS), *extra,
+            (f"E2E fine-tune of the student, {finetune_steps} steps here", finetune_dir / "model.safetensors", STEPS)]
     results = []
-    for i, (name, path) in enumerate(rows):
-        for k in STEPS:
+    for i, (name, path, ks) in enumerate(rows):
+        for k in ks:
             spec = SamplerSpec.from_meta(read_model_meta(path)).with_steps(k)
             print(f"evaluating {name}: {num_samples} samples, {k} step(s)", file=sys.stderr)
             result, images, labels = evaluate_model(path, spec, models["classifier"], num_samples, seed, "test",
@@ -157,5 +159,5 @@ def _write_report(out: Path, results: list[dict], steps: int, n: int, seed: int,
               "| model | K = 1 | K = 2 | K = 4 |", "|---|---|---|---|"]
     for name in dict.fromkeys(r["name"] for r in results):
         grids = {r["nfe"]: r["grid"] for r in results if r["name"] == name}
-        lines.append(f"| {name} | " + " | ".join(f"![K={k}]({grids[k]})" for k in STEPS if k in grids) + " |")
+        lines.append(f"| {name} | " + " | ".join(f"![K={k}]({grids[k]})" if k in grids else "–" for k in STEPS) + " |")
     (out / "report.md").write_text("\n".join(lines) + "\n")

@@ -256,7 +256,7 @@ PRESETS["anchored-2step"] = replace(PRESETS["anchored"], sampler_steps=2, sample
 # 250 discriminator-only steps. Set loss.teacher= the teacher file (it must share the init's autoencoder). Round 9
 # (docs/results.md, 2026-12-06, 3 seeds, 900 steps from base/e2e of round 7, test): K = 2 FD 0.75-0.76x the student's
 # with alignment 0.921-0.928 (>= the student's 0.918, which no K-mix model had reached), K = 4 0.65-0.71x with
-# alignment 0.935-0.940, K = 1 0.94-0.97x — the shipped base/e2e (seed 1, best on val).
+# alignment 0.935-0.940, K = 1 0.94-0.97x — base/e2e until round 15 (seed 1, best on val; the start of its fourth stage).
 PRESETS["teacher-anchored"] = replace(
     PRESETS["anchored"], disc_warmup=250,
     loss=replace(PRESETS["anchored"].loss, anchor_to="teacher", teacher_steps=16, teacher_renoise=True,
@@ -264,10 +264,26 @@ PRESETS["teacher-anchored"] = replace(
     train=replace(PRESETS["anchored"].train, steps=900, checkpoint_every=450))
 # `teacher-anchored` with K fixed at 2: the third stage of the two-step model. Round 10 (docs/results.md, 2026-12-06,
 # 3 seeds, ~1,310 steps from base/e2e_2step of round 7, test): K = 2 FD 0.59-0.61x the student's with alignment
-# 0.932-0.935 (the student's 0.918) — the shipped base/e2e_2step (seed 2, best on val). K = 1 and 4 are left to the
+# 0.932-0.935 (the student's 0.918) — base/e2e_2step until round 15 (seed 2). K = 1 and 4 are left to the
 # other files (K = 4 0.89-0.90x; K = 1's alignment falls to 0.54-0.56).
 PRESETS["teacher-anchored-2step"] = replace(PRESETS["teacher-anchored"], sampler_steps=2, sampler_steps_mix=None,
                                             train=replace(PRESETS["teacher-anchored"].train, steps=1300))
+# Round 15 (docs/results.md, 2026-12-07): one model per K trained in the student's sampler at renoise_gamma 0.5 (half
+# of each re-noise fresh noise, half the noise the step implies), toward the teacher re-noised the same way and guided
+# at 1 + gain·(w − 1) at t <= 300 only, on all 4 chains of a caption. From base/e2e_2step of round 10 (~1,090 steps,
+# 3 seeds, test at w 2): K = 2 FD 0.48-0.54x the student's, alignment 0.914-0.919 (the student's 0.918), diversity
+# 0.892-0.901 — the shipped base/e2e_2step (seed 1, best on val). From base/e2e of round 9 (~910 steps, gain 5, 3
+# seeds, test at the val-chosen w): K = 4 FD 0.39-0.43x, alignment 0.922-0.925 (the student's 0.926), diversity
+# 0.922-0.929; sampled at gamma 0.7 (chosen on val) seed 1 has 0.42x / 0.934 / 0.905 — the shipped base/e2e.
+PRESETS["gamma-anchored-2step"] = replace(
+    PRESETS["teacher-anchored-2step"], renoise_gamma=0.5,
+    loss=replace(PRESETS["teacher-anchored-2step"].loss, anchor_samples=4, teacher_guidance_interval=(0.0, 300.0),
+                 teacher_guidance_gain=4.0),
+    train=replace(PRESETS["teacher-anchored-2step"].train, steps=1100))
+PRESETS["gamma-anchored-4step"] = replace(
+    PRESETS["teacher-anchored"], sampler_steps=4, sampler_steps_mix=None, renoise_gamma=0.5,
+    loss=replace(PRESETS["teacher-anchored"].loss, anchor_samples=4, teacher_guidance_interval=(0.0, 300.0),
+                 teacher_guidance_gain=5.0))
 
 
 @torch.no_grad()
