@@ -384,6 +384,14 @@ if [[ "${STAGE:-all}" == teacher ]]; then   # round 9: the anchor's target is th
   # TEACHER_ROWS="mix:16:10:0:1:h5g4k4 mix:16:10:1:1:h5g4k4 mix:16:10:2:1:h5g4k4" X_h5g4k4="sampler_steps=4
   # sampler_steps_mix=null renoise_gamma=0.5 loss.teacher_guidance_interval=[0,300] loss.teacher_guidance_gain=4"
   # (its K = 4 target: val FD 0.59 / alignment 0.942 / diversity 0.962 on the CPU).
+  # Round 15 (run 2026-12-07, docs/results.md "Round 15"): EVAL_DIALS="1.5 2.0" SNAP_MIN=100000, K2_INIT as above,
+  # TEACHER_ROWS="k2:16:10:{0,1,2}:4:h5g4 k2:16:10:0:4:h5g5 k2:16:30:0:1:h5g4 k2:16:10:0:1:h5g4" 370 s + 300 s, then
+  # with base/e2e in the tree "k4:16:10:{0,1,2}:4:h5g5 k4:16:10:0:4:h5g4" 380 s + 220 s (X_h5g5: gain 5): the shipped
+  # base/e2e (k4 h5g5c4_s1, w 2, γ 0.7 chosen on val on the CPU; meets the bar on test) and base/e2e_2step (k2
+  # h5g4c4_s1, w 2; alignment 0.002 short). Next (planned): the K = 4 recipe's 3 seeds with EVAL_DIALS="2.0/0.6
+  # 2.0/0.7 2.0/0.8" and FP16_ROWS=1 FP16_MAX=2 (every seed's file comes back); K = 2 from round 10's e2e_2step
+  # (git show b8cf1b2:checkpoints/base/e2e_2step.safetensors) with gain 5 on all chains, 3 seeds, two calls, with
+  # EVAL_DIALS="1.5 1.75 2.0 1.75/0.4".
   for spec in ${TEACHER_ROWS:-mix:16:10:0 mix:16:10:1 mix:16:10:2 k2:16:10:0 k2:16:10:1 k2:16:10:2 mix:16:3:0 k2:16:3:0}; do
     IFS=: read -r fam steps lam seed chains tag <<< "$spec"
     xv=X_${tag:-none}; tagx=${!xv:-}
