@@ -1,5 +1,6 @@
 """CLI conveniences that map onto config keys, the PixArt timestep option, and the evaluate command."""
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -115,3 +116,30 @@ def test_ema_warmup_and_plain_decay():
         for k in expected:
             torch.testing.assert_close(ema.state_dict()[k].double(), expected[k], rtol=1e-6, atol=1e-6)
     assert EMA(model, 0.95).decay_at(10_000) == 0.95
+
+
+def test_per_class_script_splits_the_alignment_by_class(classifier_dir, tmp_path):
+    """scripts/per_class.py: each class's rate, checked against the classifier's predictions counted here, and the
+    overall column equal to the evaluator's alignment on the same images."""
+    import importlib.util
+
+    from e2ediff.data.fashion_mnist import to_model_images
+    from e2ediff.generate import save_samples_npz
+    from e2ediff.metrics.classifier import load_classifier, predict
+    from e2ediff.metrics.report import alignment
+
+    spec = importlib.util.spec_from_file_location("per_class", Path(__file__).parent.parent / "scripts" / "per_class.py")
+    per_class = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(per_class)
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, (60, 28, 28), dtype=np.uint8)
+    labels = np.repeat(np.arange(10), 6)
+    (tmp_path / "s").mkdir()
+    save_samples_npz(tmp_path / "s" / "samples.npz", images, labels, ["x"] * 60)
+    classifier = load_classifier(classifier_dir)
+    rates = per_class.per_class(tmp_path / "s", classifier)
+    pred = predict(classifier, to_model_images(torch.as_tensor(images))).numpy()
+    for c in range(10):
+        assert rates[c] == sum(int(pred[i] == c) for i in range(60) if labels[i] == c) / 6
+    assert rates[10] == pytest.approx(alignment(classifier, to_model_images(torch.as_tensor(images)), labels), abs=1e-12)
+    assert rates[10] == pytest.approx(sum(rates[:10]) / 10, abs=1e-12)      # balanced classes: the plain mean
