@@ -90,7 +90,6 @@ MIX="sampler_steps_mix=[1,2,4] train.keep_exports=true"     # rows of rounds 1-2
 EVERY=${EVAL_EVERY:-900}
 export_path() {  # NAME@STEP[dial]'s file
   local s=${1#*@}; s=${s%%[wg]*}; echo "$R/${1%@*}/exports/model_step_$(printf %08d "$s").safetensors"; }
-dial_tag() { local w=${1%/*} g=; [[ $1 == */* ]] && g=${1#*/}; [[ $w == 1.5 && -z $g ]] || echo "w$w${g:+g$g}"; }
 row_ks() { case $1 in k2*) echo 2 ;; k4*) echo 4 ;; *) echo 2 4 ;; esac; }   # the Ks a row is chosen by
 final() {  # final NAME: val snapshots at each dial, the best (export, dial) by val, that on test
   local f step best last dial tag w g
@@ -101,7 +100,8 @@ final() {  # final NAME: val snapshots at each dial, the best (export, dial) by 
     step=${f##*_step_}; step=$((10#${step%.safetensors}))
     { [ $((step % EVERY)) -eq 0 ] && [ "$step" -gt "${SNAP_MIN:-1000}" ]; } || [ "$f" = "$last" ] || continue
     for dial in ${EVAL_DIALS:-1.5}; do
-      tag=$(dial_tag "$dial"); w=${dial%/*}; g=; [[ $dial == */* ]] && g=${dial#*/}
+      w=${dial%/*}; g=; [[ $dial == */* ]] && g=${dial#*/}
+      tag=; [[ $w == 1.5 && -z $g ]] || tag=w$w${g:+g$g}   # the default dial keeps the plain NAME@STEP
       for k in $(row_ks "$1"); do
         [ -f "$R/eval_$1@${step}${tag}_k${k}_val.json" ] || evaluate "$1@$step$tag" "$f" $k "$w" $g
       done

@@ -353,9 +353,7 @@ def _sampler_spec(args, meta: dict):
         spec.timesteps = guards.parse_timesteps("--timesteps", args.timesteps)
     if args.renoise:
         spec.renoise = args.renoise
-    if getattr(args, "gamma", None) is not None:
-        if not 0.0 <= args.gamma <= 1.0:
-            raise ValueError(f"--gamma must be in [0, 1], got {args.gamma}")
+    if getattr(args, "gamma", None) is not None:   # its range: guards.check_command
         spec.gamma = args.gamma
     if args.guidance is not None:
         spec.guidance = args.guidance
@@ -484,12 +482,12 @@ def cmd_convert(args) -> None:
                              f"{(sampler or {}).get('name')!r}")
         if args.w is not None and args.w <= 0:
             raise ValueError(f"convert: --w must be > 0, got {args.w}")
-        if args.gamma is not None and not 0.0 <= args.gamma <= 1.0:
-            raise ValueError(f"convert: --gamma must be in [0, 1], got {args.gamma}")
         if sampler.get("renoise", "vp") != "vp" and args.gamma is not None:
             raise ValueError(f"convert: --gamma needs the vp re-noise; {source}'s is {sampler.get('renoise')!r}")
-        meta["sampler"] = {**sampler, **({"w": args.w} if args.w is not None else {}),
-                           **({"gamma": args.gamma} if args.gamma is not None else {})}
+        meta["sampler"] = sampler = dict(sampler)
+        for key in ("w", "gamma"):
+            if getattr(args, key) is not None:
+                sampler[key] = getattr(args, key)
     tensors = with_autoencoder(source, tensors, meta)   # a shared autoencoder is copied in unless shared again
     meta.pop("autoencoder_file", None)
     dtype = getattr(torch, args.dtype)

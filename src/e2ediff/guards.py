@@ -222,6 +222,8 @@ def check_command(args) -> None:
     check_int("--seed", get("seed"), 0, 2**63 - 1)
     for flag in ("guidance", "w", "lr"):
         check_finite(f"--{flag}", get(flag))
+    if get("gamma") is not None and not 0.0 <= get("gamma") <= 1.0:   # sample / evaluate, and convert's file default
+        _fail(f"--gamma must be in [0, 1], got {get('gamma')}")
     if get("lr") is not None and get("lr") <= 0:
         _fail(f"--lr must be > 0, got {get('lr')}")
     if get("timesteps"):
