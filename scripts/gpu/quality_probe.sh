@@ -91,6 +91,9 @@ EVERY=${EVAL_EVERY:-900}
 export_path() {  # NAME@STEP[dial]'s file
   local s=${1#*@}; s=${s%%[wg]*}; echo "$R/${1%@*}/exports/model_step_$(printf %08d "$s").safetensors"; }
 row_ks() { case $1 in k2*) echo 2 ;; k4*) echo 4 ;; *) echo 2 4 ;; esac; }   # the Ks a row is chosen by
+row_dials() {  # the dials a row's exports are scored at: EVAL_DIALS, or EVAL_DIALS_K2 / EVAL_DIALS_K4 for k2 / k4 rows
+  local d=${EVAL_DIALS:-1.5}
+  case $1 in k2*) d=${EVAL_DIALS_K2:-$d} ;; k4*) d=${EVAL_DIALS_K4:-$d} ;; esac; echo "$d"; }
 final() {  # final NAME: val snapshots at each dial, the best (export, dial) by val, that on test
   local f step best last dial tag w g
   [ -n "${FINAL:-}" ] && [ -f "$R/$1/model.safetensors" ] || return 0
@@ -99,7 +102,7 @@ final() {  # final NAME: val snapshots at each dial, the best (export, dial) by 
   for f in "$R/$1"/exports/model_step_*.safetensors; do
     step=${f##*_step_}; step=$((10#${step%.safetensors}))
     { [ $((step % EVERY)) -eq 0 ] && [ "$step" -gt "${SNAP_MIN:-1000}" ]; } || [ "$f" = "$last" ] || continue
-    for dial in ${EVAL_DIALS:-1.5}; do
+    for dial in $(row_dials "$1"); do
       w=${dial%/*}; g=; [[ $dial == */* ]] && g=${dial#*/}
       tag=; [[ $w == 1.5 && -z $g ]] || tag=w$w${g:+g$g}   # the default dial keeps the plain NAME@STEP
       for k in $(row_ks "$1"); do
@@ -403,6 +406,8 @@ if [[ "${STAGE:-all}" == teacher ]]; then   # round 9: the anchor's target is th
     [[ $fam == k2* ]] && preset=anchored-2step && init=${K2_INIT:-$init}
     # round 15: k4 (`anchored` with K fixed at 4, one model per K as k2 is), from K4_INIT (default base/e2e)
     [[ $fam == k4* ]] && x="$x sampler_steps=4 sampler_steps_mix=null" && init=${K4_INIT:-$init}
+    # round 16: K4_STEPS stops the k4 rows at that step (round 15's seeds stopped at 907-914 by time)
+    [[ $fam == k4* && -n ${K4_STEPS:-} ]] && x="$x train.steps=$K4_STEPS"
     [[ $fam == *p ]] && x="loss.anchor_samples=${chains:-1} $tagx"   # round 13: the tag's overrides kept
     (PRESET=$preset INIT=$init row "$name" $A loss.anchor="$lam" loss.anchor_to=teacher \
        loss.teacher="$T" loss.teacher_steps="$steps" $x train.seed="$seed"; final "$name"; save) &
