@@ -7,6 +7,7 @@ and each FD as a ratio to the student's at the same K (the issue-#9 bar: ≤ 0.7
     python scripts/results_probe.py DIR --best ROW [ROW ...]         # each row's best export on val (NAME@STEP)
     python scripts/results_probe.py DIR --best-per-family            # the best export of each family of rows
     python scripts/results_probe.py DIR --best ROW --bar             # ... ranked by the issue's bar first (round 8)
+    python scripts/results_probe.py DIR --best ROW --bar --margin    # ... then by the widest margin (round 16)
 
 A row NAME@STEP is the export of row NAME at that training step; they follow their row's name in step order. NAME@STEPwW
 or NAME@STEPwWgGAMMA is that export sampled at guidance input W (and renoise_gamma GAMMA): `--best` chooses among
@@ -63,11 +64,25 @@ def bar_misses(rows: dict[str, dict[int, dict]], name: str) -> int:
     return misses
 
 
+def bar_margin(rows: dict[str, dict[int, dict]], name: str) -> float:
+    """The export's smallest margin to the bar on val, over its Ks and the bar's conditions: 0.7 − FD / the student's
+    FD, alignment − the student's, diversity − 0.9 and 1.1 − diversity (negative where a condition is missed).
+    Round 15: test diversity ran 0.004–0.008 under val at the same dial, so a pick that passes val by 0.002 fails test;
+    the widest margin is the pick most likely to hold on test. KeyError if a needed row is missing."""
+    margins = []
+    for k in row_ks(name):
+        r, s = rows[name][k], rows["student"][k]
+        margins += [0.7 - r["fd"] / s["fd"], r["alignment"] - s["alignment"], r["diversity_rel"] - 0.9,
+                    1.1 - r["diversity_rel"]]
+    return min(margins)
+
+
 def best_exports(folder: Path, names: list[str] | None = None, per_family: bool = False,
-                 bar: bool = False) -> list[str]:
+                 bar: bool = False, margin: bool = False) -> list[str]:
     """The export NAME@STEP of each row (``names``, default every row with scored exports) with the lowest val score;
     ``per_family``: only the best of each family (the row name without its ``_sSEED``); ``bar``: the fewest missed
-    bar conditions first (``bar_misses``), the val score among those."""
+    bar conditions first (``bar_misses``), the val score among those; ``margin`` (with ``bar``): among those, the
+    widest smallest margin to the bar (``bar_margin``) instead of the lowest val score."""
     rows = load(folder, "val")
     best: dict[str, tuple[tuple[int, float], str]] = {}
     for export in rows:
@@ -75,14 +90,16 @@ def best_exports(folder: Path, names: list[str] | None = None, per_family: bool 
         if "@" not in export or (names and row not in names):
             continue
         try:
-            score = (bar_misses(rows, export) if bar else 0, val_score(rows, export))
+            score = (bar_misses(rows, export) if bar else 0,
+                     -bar_margin(rows, export) if bar and margin else val_score(rows, export))
         except KeyError:
             continue
         key = row.rsplit("_s", 1)[0] if per_family else row
         if key not in best or score < best[key][0]:
             best[key] = (score, export)
-    ranked = sorted(best.values(), key=lambda item: (item[0][0], item[0][1] / len(row_ks(item[1]))))
-    return [export for _, export in ranked]   # best first: fewest bar misses, then the mean FD ratio
+    ranked = sorted(best.values(), key=lambda item: (item[0][0], item[0][1] if bar and margin
+                                                     else item[0][1] / len(row_ks(item[1]))))
+    return [export for _, export in ranked]   # best first: fewest bar misses, then the mean FD ratio (or margin)
 
 
 def main(folder: Path, plain: bool = False, split: str = "val") -> None:
@@ -113,6 +130,7 @@ if __name__ == "__main__":
     if "--best" in args or "--best-per-family" in args:   # one NAME@STEP a line (quality_probe.sh's selection on val)
         flag = "--best" if "--best" in args else "--best-per-family"
         names = [a for a in args[args.index(flag) + 1:] if not a.startswith("--")]
-        print("\n".join(best_exports(Path(sys.argv[1]), names, flag == "--best-per-family", "--bar" in args)))
+        print("\n".join(best_exports(Path(sys.argv[1]), names, flag == "--best-per-family", "--bar" in args,
+                                     "--margin" in args)))
         sys.exit(0)
     main(Path(sys.argv[1]), plain="--plain" in args, split=args[args.index("--split") + 1] if "--split" in args else "val")

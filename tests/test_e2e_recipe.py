@@ -467,9 +467,10 @@ def test_every_finetune_preset_is_a_valid_run():
     # round 10's third stage of the two-step model (base/e2e_2step): the same with K fixed at 2, run longer
     assert PRESETS["teacher-anchored-2step"] == dataclasses.replace(
         teacher, sampler_steps=2, sampler_steps_mix=None, train=dataclasses.replace(teacher.train, steps=1300))
-    # round 15's models (base/e2e_2step, base/e2e): one per K, trained at renoise_gamma 0.5 toward the teacher re-noised
-    # the same way, guided at low noise only, on every chain — what quality_probe.sh ran as overrides (X_h5g4 / X_h5g5)
-    for name, k, gain, steps in (("gamma-anchored-2step", 2, 4.0, 1100), ("gamma-anchored-4step", 4, 5.0, 900)):
+    # rounds 15-16's models (base/e2e_2step, base/e2e): one per K, trained at renoise_gamma 0.5 toward the teacher
+    # re-noised the same way, guided at low noise only with gain 5, on every chain — what quality_probe.sh ran as
+    # overrides (X_h5g5, with K4_STEPS=910 for the four-step rows)
+    for name, k, gain, steps in (("gamma-anchored-2step", 2, 5.0, 1530), ("gamma-anchored-4step", 4, 5.0, 910)):
         base = PRESETS["teacher-anchored-2step"] if k == 2 else teacher
         assert PRESETS[name] == dataclasses.replace(
             base, sampler_steps=k, sampler_steps_mix=None, renoise_gamma=0.5,

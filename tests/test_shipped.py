@@ -80,6 +80,10 @@ def test_shipped_base_per_k_models(name, timesteps):
     meta = read_model_meta(path)
     assert meta["kind"] == "e2e" and meta["sampler"]["timesteps"] == timesteps
     assert meta["run_config"]["sampler_steps"] == len(timesteps)
+    # the sampling dials (w, renoise_gamma) chosen on validation and stored in the file (docs/results.md, rounds 15-16)
+    dials = {"e2e_2step": (1.75, 0.4), "e2e": (2.0, 0.7)}
+    if name in dials:
+        assert (meta["sampler"]["w"], meta["sampler"]["gamma"]) == dials[name]
     pipe = load_pipeline(path)
     assert all(p.dtype == torch.float32 for p in pipe.autoencoder.parameters())
 

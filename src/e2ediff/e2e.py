@@ -275,15 +275,19 @@ PRESETS["teacher-anchored-2step"] = replace(PRESETS["teacher-anchored"], sampler
 # 0.892-0.901 — the shipped base/e2e_2step (seed 1, best on val). From base/e2e of round 9 (~910 steps, gain 5, 3
 # seeds, test at the val-chosen w): K = 4 FD 0.39-0.43x, alignment 0.922-0.925 (the student's 0.926), diversity
 # 0.922-0.929; sampled at gamma 0.7 (chosen on val) seed 1 has 0.42x / 0.934 / 0.905 — the shipped base/e2e.
+# Round 16 (2026-12-07): the same with gain 5 at K = 2 too, run to ~1,530 steps (one seed, test at w 1.75, gamma 0.4
+# chosen on val: 0.46x / 0.923 / 0.906, the shipped base/e2e_2step); K = 4 stopped at 910 steps, 3 seeds at w 2,
+# gamma 0.7 on test: 0.39-0.44x, alignment 0.931-0.934, diversity 0.902-0.907.
 PRESETS["gamma-anchored-2step"] = replace(
     PRESETS["teacher-anchored-2step"], renoise_gamma=0.5,
     loss=replace(PRESETS["teacher-anchored-2step"].loss, anchor_samples=4, teacher_guidance_interval=(0.0, 300.0),
-                 teacher_guidance_gain=4.0),
-    train=replace(PRESETS["teacher-anchored-2step"].train, steps=1100))
+                 teacher_guidance_gain=5.0),
+    train=replace(PRESETS["teacher-anchored-2step"].train, steps=1530))
 PRESETS["gamma-anchored-4step"] = replace(
     PRESETS["teacher-anchored"], sampler_steps=4, sampler_steps_mix=None, renoise_gamma=0.5,
     loss=replace(PRESETS["teacher-anchored"].loss, anchor_samples=4, teacher_guidance_interval=(0.0, 300.0),
-                 teacher_guidance_gain=5.0))
+                 teacher_guidance_gain=5.0),
+    train=replace(PRESETS["teacher-anchored"].train, steps=910))
 
 
 @torch.no_grad()
