@@ -398,6 +398,12 @@ if [[ "${STAGE:-all}" == teacher ]]; then   # round 9: the anchor's target is th
   # 2.0/0.7 2.0/0.8" and FP16_ROWS=1 FP16_MAX=2 (every seed's file comes back); K = 2 from round 10's e2e_2step
   # (git show b8cf1b2:checkpoints/base/e2e_2step.safetensors) with gain 5 on all chains, 3 seeds, two calls, with
   # EVAL_DIALS="1.5 1.75 2.0 1.75/0.4".
+  # Round 16 (run 2026-12-07, docs/results.md "Round 16", which has the commands): K4_INIT / K2_INIT round 9's and
+  # round 10's files copied into runs/init, K4_STEPS=910, TEACHER_ROWS="k4:16:10:{0,1,2}:4:h5g5 k2:16:10:0:4:h5g5",
+  # 480 s + 180 s, EVAL_DIALS_K4="2.0 2.0/0.6 2.0/0.7 2.0/0.8" EVAL_DIALS_K2="1.75 2.0 1.75/0.4": K = 4 meets the bar
+  # with 3 seeds at w 2, γ 0.7; K = 2 seed 0 at 1,528 steps meets it at w 1.75, γ 0.4 (the shipped files). Next
+  # (planned): seeds 1 and 2 of the K = 2 row to ~1,530 steps (TEACHER_ROWS="k2:16:10:1:4:h5g5 k2:16:10:2:4:h5g5",
+  # two calls of ~480 s and ~300 s), with BAR=margin and EVAL_DIALS_K2="1.5 1.75 2.0 1.75/0.4 2.0/0.4".
   for spec in ${TEACHER_ROWS:-mix:16:10:0 mix:16:10:1 mix:16:10:2 k2:16:10:0 k2:16:10:1 k2:16:10:2 mix:16:3:0 k2:16:3:0}; do
     IFS=: read -r fam steps lam seed chains tag <<< "$spec"
     xv=X_${tag:-none}; tagx=${!xv:-}
