@@ -219,3 +219,12 @@ def test_shared_autoencoder_errors_name_the_files(pipeline_files, tmp_path, caps
     assert "--share-autoencoder" in msg and "folder of the output" in msg
     msg = run_error(capsys, "convert", src, tmp_path / "x.safetensors", "--share-autoencoder", tmp_path / "nope.st")
     assert "--share-autoencoder" in msg and "nope.st" in msg
+
+
+def test_demo_labels_name_each_shipped_files_own_dials():
+    """The demo's report names the dials each shipped E2E file samples with, read from the file (not written by hand)."""
+    from e2ediff.demo import shipped_models
+
+    labels = {path.name: name for name, path, _ in shipped_models()[1]}
+    for file, (w, gamma) in {"e2e_2step.safetensors": (1.75, 0.4), "e2e.safetensors": (2.0, 0.7)}.items():
+        assert labels[file].endswith(f"; w {w:g}, gamma {gamma:g} by default)"), labels[file]

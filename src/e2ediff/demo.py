@@ -49,16 +49,26 @@ def shipped_models() -> tuple[dict[str, Path], list[tuple[str, Path, tuple[int, 
     them), each with the K it is scored at."""
     models = {"lcm": SHIPPED / "base" / "lcm.safetensors", "classifier": SHIPPED / "classifier",
               "lpips": SHIPPED / "lpips_fashion.safetensors"}
-    extra = [("E2E four-step, shipped (teacher-anchored at renoise_gamma 0.5; w 2, gamma 0.7 by default)",
+    extra = [("E2E four-step, shipped (teacher-anchored at renoise_gamma 0.5{})",
               SHIPPED / "base" / "e2e.safetensors", (4,)),
-             ("E2E two-step, shipped (teacher-anchored at renoise_gamma 0.5; w 2 by default)",
+             ("E2E two-step, shipped (teacher-anchored at renoise_gamma 0.5{})",
               SHIPPED / "base" / "e2e_2step.safetensors", (2,)),
              ("E2E one-step, shipped (best at K = 1 on val)", SHIPPED / "base" / "e2e_1step.safetensors", (1,))]
     for name, path in [*models.items(), *((name, path) for name, path, _ in extra)]:
         if not Path(path).exists():
             raise FileNotFoundError(f"shipped model {name} missing: {path} (run from a full clone, or use "
                                     f"--from-scratch)")
-    return models, extra
+    return models, [(name.format(_default_dials(path)), path, ks) for name, path, ks in extra]
+
+
+def _default_dials(path: Path) -> str:
+    """The sampling dials a file stores (chosen on val), read from the file itself: "; w W, gamma G by default"."""
+    from e2ediff.checkpoint import read_model_meta
+
+    sampler = read_model_meta(path).get("sampler", {})
+    dials = [f"{key} {sampler[field]:g}" for key, field in (("w", "w"), ("gamma", "gamma")) if sampler.get(field)
+             is not None]
+    return f"; {', '.join(dials)} by default" if dials else ""
 
 
 def run_demo(out: Path, scratch: bool = False, finetune_steps: int = 20, num_samples: int = 1000,
