@@ -52,29 +52,29 @@ def val_score(rows: dict[str, dict[int, dict]], name: str) -> float:
     return sum(rows[name][k]["fd"] / rows["student"][k]["fd"] for k in ks)
 
 
-def bar_misses(rows: dict[str, dict[int, dict]], name: str) -> int:
-    """How many of the issue-#9 bar's conditions the export misses on val, at each K its score uses: FD ≤ 0.7× the
-    student's, alignment ≥ the student's, diversity in [0.9, 1.1]; KeyError if a needed row is missing."""
-    ks = row_ks(name)
-    misses = 0
-    for k in ks:
-        r, s = rows[name][k], rows["student"][k]
-        misses += (r["fd"] > 0.7 * s["fd"]) + (r["alignment"] < s["alignment"])
-        misses += not 0.9 <= r["diversity_rel"] <= 1.1
-    return misses
-
-
-def bar_margin(rows: dict[str, dict[int, dict]], name: str) -> float:
-    """The export's smallest margin to the bar on val, over its Ks and the bar's conditions: 0.7 − FD / the student's
-    FD, alignment − the student's, diversity − 0.9 and 1.1 − diversity (negative where a condition is missed).
-    Round 15: test diversity ran 0.004–0.008 under val at the same dial, so a pick that passes val by 0.002 fails test;
-    the widest margin is the pick most likely to hold on test. KeyError if a needed row is missing."""
+def bar_margins(rows: dict[str, dict[int, dict]], name: str) -> list[float]:
+    """The export's margins to the issue-#9 bar on val, at each K its score uses (``row_ks``): 0.7 − FD / the student's
+    FD, alignment − the student's, diversity − 0.9 and 1.1 − diversity; a negative margin is a missed condition.
+    KeyError if a needed row is missing."""
     margins = []
     for k in row_ks(name):
         r, s = rows[name][k], rows["student"][k]
         margins += [0.7 - r["fd"] / s["fd"], r["alignment"] - s["alignment"], r["diversity_rel"] - 0.9,
                     1.1 - r["diversity_rel"]]
-    return min(margins)
+    return margins
+
+
+def bar_misses(rows: dict[str, dict[int, dict]], name: str) -> int:
+    """How many of the bar's conditions the export misses on val (FD ≤ 0.7× the student's, alignment ≥ the
+    student's, diversity in [0.9, 1.1], at each K of ``row_ks``): its negative margins (``bar_margins``)."""
+    return sum(m < 0 for m in bar_margins(rows, name))
+
+
+def bar_margin(rows: dict[str, dict[int, dict]], name: str) -> float:
+    """The export's smallest margin to the bar on val (``bar_margins``). Round 15: test diversity ran 0.004–0.008
+    under val at the same dial, so a pick that passes val by 0.002 fails test; the widest margin is the pick most
+    likely to hold on test."""
+    return min(bar_margins(rows, name))
 
 
 def best_exports(folder: Path, names: list[str] | None = None, per_family: bool = False,

@@ -70,6 +70,10 @@ def test_shipped_pipeline_files():
     assert (spec["e2e"].w, spec["e2e"].gamma) == (2.0, 0.7)
 
 
+# the sampling dials (w, renoise_gamma) chosen on validation and stored in each file (docs/results.md, rounds 15-16)
+SHIPPED_DIALS = {"e2e_2step": (1.75, 0.4), "e2e": (2.0, 0.7)}
+
+
 @pytest.mark.parametrize("name,timesteps", [("e2e_1step", [999]), ("e2e_2step", [999, 499]),
                                             ("e2e", [999, 759, 499, 259])])
 def test_shipped_base_per_k_models(name, timesteps):
@@ -80,10 +84,8 @@ def test_shipped_base_per_k_models(name, timesteps):
     meta = read_model_meta(path)
     assert meta["kind"] == "e2e" and meta["sampler"]["timesteps"] == timesteps
     assert meta["run_config"]["sampler_steps"] == len(timesteps)
-    # the sampling dials (w, renoise_gamma) chosen on validation and stored in the file (docs/results.md, rounds 15-16)
-    dials = {"e2e_2step": (1.75, 0.4), "e2e": (2.0, 0.7)}
-    if name in dials:
-        assert (meta["sampler"]["w"], meta["sampler"]["gamma"]) == dials[name]
+    if name in SHIPPED_DIALS:
+        assert (meta["sampler"]["w"], meta["sampler"]["gamma"]) == SHIPPED_DIALS[name]
     pipe = load_pipeline(path)
     assert all(p.dtype == torch.float32 for p in pipe.autoencoder.parameters())
 
@@ -226,5 +228,6 @@ def test_demo_labels_name_each_shipped_files_own_dials():
     from e2ediff.demo import shipped_models
 
     labels = {path.name: name for name, path, _ in shipped_models()[1]}
-    for file, (w, gamma) in {"e2e_2step.safetensors": (1.75, 0.4), "e2e.safetensors": (2.0, 0.7)}.items():
-        assert labels[file].endswith(f"; w {w:g}, gamma {gamma:g} by default)"), labels[file]
+    for name, (w, gamma) in SHIPPED_DIALS.items():
+        label = labels[f"{name}.safetensors"]
+        assert label.endswith(f"; w {w:g}, gamma {gamma:g} by default)"), label

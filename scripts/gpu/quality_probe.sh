@@ -91,9 +91,10 @@ EVERY=${EVAL_EVERY:-900}
 export_path() {  # NAME@STEP[dial]'s file
   local s=${1#*@}; s=${s%%[wg]*}; echo "$R/${1%@*}/exports/model_step_$(printf %08d "$s").safetensors"; }
 row_ks() { case $1 in k2*) echo 2 ;; k4*) echo 4 ;; *) echo 2 4 ;; esac; }   # the Ks a row is chosen by
-# BAR=margin (round 16): among the exports that miss fewest bar conditions on val, the widest margin to the bar wins
-# instead of the lowest FD (round 15: a val pick 0.002 inside the diversity window fell under it on test)
-bar_margin() { [ "${BAR:-}" != margin ] || echo --margin; }
+# results_probe.py's choice on val: BAR set, the fewest missed bar conditions first; BAR=margin (round 16), among
+# those the widest margin to the bar instead of the lowest FD (round 15: a val pick 0.002 inside the diversity window
+# fell under it on test)
+bar_flags() { [ -z "${BAR:-}" ] || echo --bar; [ "${BAR:-}" != margin ] || echo --margin; }
 row_dials() {  # the dials a row's exports are scored at: EVAL_DIALS, or EVAL_DIALS_K2 / EVAL_DIALS_K4 for k2 / k4 rows
   local d=${EVAL_DIALS:-1.5}
   case $1 in k2*) d=${EVAL_DIALS_K2:-$d} ;; k4*) d=${EVAL_DIALS_K4:-$d} ;; esac; echo "$d"; }
@@ -113,7 +114,7 @@ final() {  # final NAME: val snapshots at each dial, the best (export, dial) by 
       done
     done
   done
-  best=$(python3 scripts/results_probe.py "$R" --best "$1" ${BAR:+--bar} $(bar_margin))
+  best=$(python3 scripts/results_probe.py "$R" --best "$1" $(bar_flags))
   [ -n "$best" ] || return 0
   echo "$1: best on val $best"; local path; path=$(export_path "$best")
   tag=${best#*@}; tag=${tag#"${tag%%[wg]*}"}; w=1.5; g=
@@ -131,7 +132,7 @@ fp16_best() {  # float16 copies of the best export of each family (by val) to $O
   cp checkpoints/base/autoencoder.safetensors "$OUT/"
   # FP16_ROWS=1: the best export of each row instead of each family (3 seeds of one recipe: FP16_MAX=2 brings 4)
   local pick=--best-per-family; [ -z "${FP16_ROWS:-}" ] || pick=--best
-  python3 scripts/results_probe.py "$R" $pick ${BAR:+--bar} $(bar_margin) |   # best first; at most FP16_MAX (2) of
+  python3 scripts/results_probe.py "$R" $pick $(bar_flags) |   # best first; at most FP16_MAX (2) of
     awk -v n="${FP16_MAX:-2}" '{ f = ($0 ~ /^k2/); if (c[f]++ < n) print }' |   # the k2 and of the other families
     while read -r best; do [ -z "$best" ] || { echo "fp16 copy: $best"; $E convert "$(export_path "$best")" \
       "$OUT/q_${best%@*}.safetensors" --share-autoencoder "$OUT/autoencoder.safetensors"; }; done

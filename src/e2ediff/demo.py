@@ -66,8 +66,7 @@ def _default_dials(path: Path) -> str:
     from e2ediff.checkpoint import read_model_meta
 
     sampler = read_model_meta(path).get("sampler", {})
-    dials = [f"{key} {sampler[field]:g}" for key, field in (("w", "w"), ("gamma", "gamma")) if sampler.get(field)
-             is not None]
+    dials = [f"{key} {sampler[key]:g}" for key in ("w", "gamma") if sampler.get(key) is not None]
     return f"; {', '.join(dials)} by default" if dials else ""
 
 
