@@ -4,6 +4,8 @@
     PYTHONPATH=src python3 benchmarks/pixart_xl.py --out pixart_xl.json --budget-s 540                  # all eager
     PYTHONPATH=src python3 benchmarks/pixart_xl.py --out sampling.json --budget-s 300 --compile --only-sampling
     PYTHONPATH=src python3 benchmarks/pixart_xl.py --tiny --device cpu --out /tmp/tiny.json [--compile]  # smoke run
+    PYTHONPATH=src python3 benchmarks/pixart_xl.py --network dit --out dit_xl.json --budget-s 420 --compile \
+        --lora-rank 0 --extras memory_budget bf16_weights                      # the project's DiT, training rows
 
 Model: diffusers `PixArtTransformer2DModel` at PixArt-XL-2 size (28 blocks × 1152, 16 heads × 72, patch 2, learned
 sigma, T5 4096-d × 120 caption tokens), random weights, behind the project's adapter (e2ediff.adapters.pixart),
@@ -57,12 +59,21 @@ next row runs; a row whose estimated cost (NEED_S) exceeds the time left is list
     lora               LoRA (--lora-rank) E2E K = 4: peak memory and time (recompiles)
 --only-sampling: the flops row counts the forward only, then the sampling rows and the sampling extras
 (pipeline_compiled, sampling_autotune, if in --extras); no training, memory or training-extra row.
+
+--network dit: the same training rows on the project's own DiT (e2ediff.models.dit) at the same size, used as the
+trainer uses it: the network itself behind `Denoiser` (no adapter), 28 DiTBlocks × 1152, 16 heads × 72, patch 2,
+T5-sized 4096-d × --tokens captions (mask, pooled features unused: pooled_cond=False), LCM student's guidance-scale
+embedding (w = DIT_W); "compiled" compiles each DiTBlock (its `repeated_blocks()`). The JSON records "network" and
+"dit_config". PixArtAlphaPipeline cannot run it: the sampling rows and the pipeline_compiled / sampling_autotune
+extras are not run (reasons under "not_run"); the lora row puts the adapters on the DiT's attention projections
+(DIT_LORA_TARGETS); bf16_weights also gives the DiT bf16 latents and features (it has no adapter that casts them).
 """
 from __future__ import annotations
 
 import argparse
 import contextlib
 import copy
+import dataclasses
 import gc
 import json
 import signal
@@ -77,15 +88,22 @@ T0 = time.perf_counter()
 import torch  # noqa: E402
 
 from e2ediff.adapters import speed  # noqa: E402
-from e2ediff.adapters.lora import add_lora  # noqa: E402
+from e2ediff.adapters.lora import DEFAULT_TARGETS, add_lora  # noqa: E402
 from e2ediff.adapters.pixart import PixArtNet  # noqa: E402
 from e2ediff.conditioning import TextCond  # noqa: E402
 from e2ediff.denoiser import Denoiser  # noqa: E402
 from e2ediff.e2e import e2e_step  # noqa: E402
+from e2ediff.models.dit import DiT, DiTConfig  # noqa: E402
 from e2ediff.schedules import VPSchedule, lcm_timesteps  # noqa: E402
 
 XL = dict(num_layers=28, attention_head_dim=72, num_attention_heads=16, caption_channels=4096, cross_attention_dim=1152)
 TINY = dict(num_layers=2, attention_head_dim=8, num_attention_heads=2, caption_channels=32, cross_attention_dim=16)
+# --network dit: the project's DiT at the same sizes (input_size and max_text_len come from --resolution, --tokens)
+DIT_XL = dict(patch_size=2, hidden_size=1152, depth=28, num_heads=16, mlp_ratio=4.0, text_dim=4096)
+DIT_TINY = dict(patch_size=2, hidden_size=16, depth=2, num_heads=2, mlp_ratio=4.0, text_dim=32)
+DIT_W = 1.5                                    # guidance-scale input of the LCM student (distill's sample_guidance)
+DIT_LORA_TARGETS = ("qkv", "proj", "q", "kv")  # the DiT's attention projections, as to_q/to_k/to_v/to_out.0 in PixArt
+NETWORKS = ("pixart", "dit")
 PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}      # dense bf16 tensor-core peak
 EXTRAS = ("memory_budget", "pipeline_compiled", "bf16_weights", "sampling_autotune", "lora")
 SAMPLING_EXTRAS = ("pipeline_compiled", "sampling_autotune")
@@ -113,6 +131,20 @@ def build_transformer(size: dict, latent: int, device, weights_dtype):
     return model.to(device=device, dtype=weights_dtype)
 
 
+def dit_config(args) -> DiTConfig:
+    """The project's DiT at PixArt-XL-2 size (--tiny: 2 small blocks) as an LCM student: guidance-scale embedding, no
+    pooled caption (T5 gives none)."""
+    return DiTConfig(in_channels=4, input_size=args.resolution // 8, max_text_len=args.tokens, pooled_cond=False,
+                     guidance_embed=True, **(DIT_TINY if args.tiny else DIT_XL))
+
+
+def build_dit(config: DiTConfig, device, weights_dtype) -> DiT:
+    torch.manual_seed(0)
+    with torch.device(device):                          # initialised where it runs (the global generator)
+        model = DiT(config)
+    return model.to(device=device, dtype=weights_dtype)
+
+
 def rel(a, b) -> float:
     return float((a.float() - b.float()).abs().max() / b.float().abs().max())
 
@@ -131,24 +163,36 @@ class Bench:
         self.result = {"command": " ".join(sys.argv), "date": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
                        "torch": torch.__version__, "device": torch.cuda.get_device_name() if self.cuda else "cpu",
                        "settings": vars(args), "rows": {}, "skipped": []}
+        if self.cuda:       # cuDNN >= 9.15 on Hopper: torch may try cuDNN attention first (else flash / efficient)
+            self.result["cudnn"] = torch.backends.cudnn.version()
         try:
             import diffusers
             self.result["diffusers"] = diffusers.__version__
         except ImportError:
             pass
-        size = TINY if args.tiny else XL
-        self.size = size
         self.latent = args.resolution // 8
         self.weights_dtype = torch.bfloat16 if args.weights == "bf16" else torch.float32
-        self.model = build_transformer(size, self.latent, self.device, self.weights_dtype)
-        self.text_dim = size["caption_channels"]
+        self.dit = args.network == "dit"
+        self.result["network"] = args.network
+        if self.dit:                                     # the network itself is the denoiser's net (no adapter)
+            config = dit_config(args)
+            self.result["dit_config"] = dataclasses.asdict(config)
+            self.model = build_dit(config, self.device, self.weights_dtype)
+            self.text_dim = config.text_dim
+            self.w = DIT_W
+        else:
+            size = TINY if args.tiny else XL
+            self.model = build_transformer(size, self.latent, self.device, self.weights_dtype)
+            self.text_dim = size["caption_channels"]
+            self.w = None                                # PixArt-δ embeds no guidance scale
+        self.result["params"] = sum(p.numel() for p in self.model.parameters())
         g = torch.Generator().manual_seed(1)
         b, length = args.batch, args.tokens
         self.cond = TextCond(torch.randn(b, length, self.text_dim, generator=g).to(self.device),
                              torch.ones(b, length, dtype=torch.bool, device=self.device),
                              torch.randn(b, self.text_dim, generator=g).to(self.device))
         self.null = (torch.zeros(length, self.text_dim), torch.ones(length, dtype=torch.bool))
-        self.net = PixArtNet(self.model, *self.null, vae_downsample=8).to(self.device)
+        self.net = self.model if self.dit else PixArtNet(self.model, *self.null, vae_downsample=8).to(self.device)
         self.schedule = VPSchedule.from_name("linear")
         self.denoiser = Denoiser(self.net, self.schedule, "eps")
         self.z0 = torch.randn(b, 4, self.latent, self.latent, generator=g).to(self.device)
@@ -250,17 +294,20 @@ class Bench:
         noise = torch.randn(z0.shape, generator=g, device=self.device)
         z_t = self.schedule.add_noise(z0, noise, t)
         with self.autocast(autocast):
-            eps = self.net(z_t, t, cond)
+            eps = self.net(z_t, t, cond, w=self.w)
         return (eps.float() - noise).square().mean()
 
-    def e2e_loss(self, i, k, checkpoint=True, batch=None, autocast=None):
+    def e2e_loss(self, i, k, checkpoint=True, batch=None, autocast=None, dtype=None):
+        """dtype: latents and caption features in this dtype (bf16 weights of the DiT, which no adapter casts for)."""
         b = batch or self.args.batch
         g = torch.Generator(device=self.device).manual_seed(i)
+        z0, cond = self.z0[:b], self.cond[:b]
+        if dtype is not None:
+            z0, cond = z0.to(dtype), cond.to(dtype=dtype)
         with self.autocast(autocast):
-            z0, z0_hat = e2e_step(self.denoiser, None, self.z0[:b], self.cond[:b],
-                                  timesteps=lcm_timesteps(k), m=1, generator=g, checkpoint=checkpoint,
-                                  z0=self.z0[:b])
-        return (z0_hat.float() - z0).square().mean()
+            z0, z0_hat = e2e_step(self.denoiser, None, z0, cond, timesteps=lcm_timesteps(k), m=1, generator=g,
+                                  w=self.w, checkpoint=checkpoint, z0=z0)
+        return (z0_hat.float() - z0.float()).square().mean()
 
     def train_step(self, loss_fn, opt):
         def step(i):
@@ -285,7 +332,10 @@ class Bench:
         from torch.utils.flop_counter import FlopCounterMode
 
         small = 2
-        with FlopCounterMode(display=False) as counter:
+        # torch's fused CPU attention kernel has no FLOP formula (CUDA's flash / efficient / cuDNN kernels have one):
+        # on CPU the attention is counted through the math kernel's matmuls
+        order = "math" if self.device.type == "cpu" else "default"
+        with speed.attention_backend(order), FlopCounterMode(display=False) as counter:
             if backward:
                 loss_fn(small).backward()
             else:
@@ -311,15 +361,23 @@ class Bench:
     def run(self):
         a = self.args
         self.row("flops", self.count_all_flops, need="flops")
-        self.section("sampling", self.sampling_rows)
-        self.section("sampling_cleanup", self.sampling_cleanup)
+        if self.dit:
+            why = "PixArtAlphaPipeline runs diffusers' PixArt transformer only, not the project's DiT"
+            not_run = self.result["not_run"] = {"sampling": why + ": the sampling rows compare against it"}
+            for name in SAMPLING_EXTRAS:
+                if name in a.extras:
+                    not_run[name] = why
+        else:
+            self.section("sampling", self.sampling_rows)
+            self.section("sampling_cleanup", self.sampling_cleanup)
         if not a.only_sampling:
             self.section("training", self.training_rows)
         extras = {"memory_budget": self.memory_budget_row, "pipeline_compiled": self.pipeline_compiled_row,
                   "bf16_weights": self.bf16_weights_row, "sampling_autotune": self.sampling_autotune_row,
                   "lora": self.lora_row}
         for name in a.extras:
-            if (name == "lora" and a.lora_rank <= 0) or (a.only_sampling and name not in SAMPLING_EXTRAS):
+            if (name == "lora" and a.lora_rank <= 0) or (a.only_sampling and name not in SAMPLING_EXTRAS) or (
+                    self.dit and name in SAMPLING_EXTRAS):
                 continue
             self.section(name, extras[name])
         self.save()
@@ -703,14 +761,16 @@ class Bench:
             self.model.to(torch.bfloat16)
             opt = self.optimizer()
             try:
-                step = self.train_step(lambda i: self.e2e_loss(i, 4, "except_last", autocast=False), opt)
+                dtype = torch.bfloat16 if self.dit else None     # PixArtNet casts to the weights' dtype itself
+                step = self.train_step(lambda i: self.e2e_loss(i, 4, "except_last", autocast=False, dtype=dtype), opt)
                 r = self.timed(step)
                 r["peak_GiB"] = self.peak_memory(step)
             finally:
                 del opt
                 self.model.zero_grad(set_to_none=True)
             r.update(compiled=self.train_compiled, attention=self.train_attention, checkpoint="except_last",
-                     note="bf16 weights + bf16 AdamW: lr 1e-6 updates vanish in bf16; speed only")
+                     note="bf16 weights + bf16 AdamW: lr 1e-6 updates vanish in bf16; speed only"
+                     + ("; bf16 latents and features (the DiT has no adapter casting them)" if self.dit else ""))
             if self.flops.get("e2e_K4"):
                 r["mfu"] = self.mfu(self.flops["e2e_K4"], r["s"])
             return r
@@ -742,11 +802,12 @@ class Bench:
         def fn():
             torch._dynamo.reset()
             self.model.to(self.weights_dtype)
-            add_lora(self.model, a.lora_rank)
+            targets = DIT_LORA_TARGETS if self.dit else DEFAULT_TARGETS
+            add_lora(self.model, a.lora_rank, targets=targets)
             self.model.to(self.device)
             lopt = self.optimizer()
             step = self.train_step(lambda i: self.e2e_loss(i, 4), lopt)
-            return {"rank": a.lora_rank, "compiled": self.train_compiled,
+            return {"rank": a.lora_rank, "targets": list(targets), "compiled": self.train_compiled,
                     "trainable_params": sum(p.numel() for p in self.model.parameters() if p.requires_grad),
                     "peak_GiB_K4": self.peak_memory(step), **self.timed(step, iters=3, warmup=1)}
         self.row("lora_e2e_K4", fn, need="lora" if self.train_compiled else "e2e")
@@ -756,6 +817,8 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", type=Path, help="JSON results file (rewritten after every row)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--network", choices=NETWORKS, default="pixart", help="pixart: diffusers' PixArtTransformer2DModel "
+                   "behind the project's adapter; dit: the project's DiT at the same size (training rows only)")
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--resolution", type=int, default=512, help="pixels; latents are resolution/8")
     p.add_argument("--tokens", type=int, default=120, help="T5 caption tokens")
@@ -780,6 +843,8 @@ def main(argv=None):
     p.add_argument("--only-sampling", action="store_true", help="the sampling rows (and the sampling extras) only: "
                    "no training, memory or training-extra row")
     args = p.parse_args(argv)
+    if args.network == "dit" and args.only_sampling:
+        p.error("--only-sampling compares against PixArtAlphaPipeline, which cannot run --network dit")
     if args.tiny:
         args.batch, args.resolution, args.tokens = min(args.batch, 4), min(args.resolution, 64), min(args.tokens, 8)
     if args.device == "cuda":
@@ -796,7 +861,8 @@ def main(argv=None):
     signal.signal(signal.SIGALRM, alarm)
     signal.alarm(max(1, int(args.budget_s + 30 - (time.perf_counter() - T0))))
     bench = Bench(args)
-    print(f"{bench.result['device']}, torch {torch.__version__}, batch {args.batch}, {args.resolution} px", flush=True)
+    print(f"{bench.result['device']}, torch {torch.__version__}, {args.network} ({bench.result['params']:,} "
+          f"parameters), batch {args.batch}, {args.resolution} px", flush=True)
     try:
         bench.run()
     except BudgetExceeded:

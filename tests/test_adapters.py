@@ -11,7 +11,12 @@ import tiny_diffusers as td
 from e2ediff.adapters import speed
 from e2ediff.adapters.lora import add_lora, merge_lora
 from e2ediff.adapters.pipeline import sample_pretrained, wrap_pipeline
+from e2ediff.conditioning import TextCond
+from e2ediff.denoiser import Denoiser
+from e2ediff.e2e import e2e_step
+from e2ediff.models.dit import DiT, DiTConfig
 from e2ediff.samplers import lcm
+from e2ediff.schedules import VPSchedule, lcm_timesteps
 from helpers import record_compile
 
 PROMPTS = ["a red boot", "a blue shirt", "a black bag"]
@@ -207,6 +212,39 @@ def test_regional_compile_keeps_samples_and_checkpointed_gradients(monkeypatch):
         assert _rel(out, eager_out) < 1e-6 and _rel(grads, eager_grads) < 1e-6, checkpoint
     with pytest.raises(ValueError, match="compile mode"):
         speed.compile_network(pp.net, "fastest")
+
+
+def test_speed_compile_network_compiles_each_dit_block(monkeypatch):
+    """compile_network on the project's DiT (no adapter): each DiTBlock, in place, as PixArt's blocks; the E2E step's
+    sample and its gradients through a checkpointed unroll (every step, every step but the last) equal eager ones."""
+    calls = record_compile(monkeypatch, "aot_eager")
+    cfg = DiTConfig(input_size=8, patch_size=2, hidden_size=32, depth=2, num_heads=4, text_dim=16, max_text_len=6,
+                    pooled_cond=False, guidance_embed=True)
+    g = torch.Generator().manual_seed(0)
+    net = DiT(cfg, generator=g)
+    with torch.no_grad():                              # every path (cross-attention, final layer) reaches the output
+        for p in net.parameters():
+            p.normal_(0.0, 0.1, generator=g)
+    denoiser = Denoiser(net, VPSchedule.from_name("linear"), "eps")
+    mask = torch.ones(2, 6, dtype=torch.bool)
+    mask[1, 4:] = False
+    cond = TextCond(torch.randn(2, 6, 16, generator=g), mask, torch.randn(2, 16, generator=g))
+    images = torch.randn(2, 4, 8, 8, generator=g)
+
+    def sample_and_grads(checkpoint):
+        net.zero_grad(set_to_none=True)
+        _, out = e2e_step(denoiser, None, images, cond, timesteps=lcm_timesteps(3), m=1, w=1.5, z0=images,
+                          generator=torch.Generator().manual_seed(1), checkpoint=checkpoint)
+        out.square().mean().backward()
+        return out.detach(), torch.cat([p.grad.flatten() for p in net.parameters() if p.grad is not None])
+
+    eager_out, eager_grads = sample_and_grads(False)
+    compiled = speed.compile_network(net)
+    assert compiled == list(net.blocks) and len(calls) == cfg.depth
+    for checkpoint in (False, True, "except_last"):
+        out, grads = sample_and_grads(checkpoint)
+        assert _rel(out, eager_out) < 1e-6 and _rel(grads, eager_grads) < 1e-6, checkpoint
+    assert [name for name, _ in net.named_parameters()] == [name for name, _ in DiT(cfg).named_parameters()]
 
 
 def test_attention_backend_order_keeps_the_output(pixart):

@@ -8,8 +8,9 @@
   merged into the base weights first (fusing would silently drop them).
 - `compile_network`: regional torch.compile (dynamic=False). PixArt's transformer blocks are identical, so each is
   compiled with one shared graph (two: the first block sees another input layout) and compiling costs about as much
-  as one block, not 28 (the PyTorch regional-compilation recipe; diffusers' `compile_repeated_blocks`); networks
-  without repeated blocks (UNets) are compiled whole. Parameter names, state dicts and exports are unchanged.
+  as one block, not 28 (the PyTorch regional-compilation recipe; diffusers' `compile_repeated_blocks`); the project's
+  DiT names its blocks the same way (`DiT.repeated_blocks()`); networks without repeated blocks (UNets) are compiled
+  whole. Parameter names, state dicts and exports are unchanged.
 - `attention_backend`: the order in which scaled_dot_product_attention tries its kernels, e.g. cuDNN first (Hopper);
   a kernel that cannot take a call (head dim, mask) is skipped for the next one, so every order gives a result.
 - `float8_linear` (any nn.Module, the project's DiT too): FP8 (e4m3) matmuls for sampling, as torchao's
@@ -50,12 +51,13 @@ def fuse_qkv(model: nn.Module) -> nn.Module:
 
 
 def compile_network(net: nn.Module, mode: str = "default") -> list[nn.Module]:
-    """torch.compile the diffusers model behind adapter `net` in place: its repeated blocks when the adapter names
-    them (`net.repeated_blocks()`), else the whole model. Returns the compiled modules."""
+    """torch.compile network `net` in place: its repeated blocks when it names them (`net.repeated_blocks()`: the
+    PixArt adapter, the project's DiT), else the whole model (the diffusers model behind an adapter, `net.model`, or
+    `net` itself). Returns the compiled modules."""
     if mode not in COMPILE_MODES:
         raise ValueError(f"compile mode must be one of {COMPILE_MODES}, got {mode!r}")
     blocks = net.repeated_blocks() if hasattr(net, "repeated_blocks") else None
-    targets = list(blocks) if blocks is not None and len(blocks) else [net.model]
+    targets = list(blocks) if blocks is not None and len(blocks) else [getattr(net, "model", net)]
     kwargs = {"dynamic": False} if mode == "default" else {"dynamic": False, "mode": mode}
     for module in targets:
         module.compile(**kwargs)

@@ -275,6 +275,11 @@ class DiT(nn.Module):
             nn.init.zeros_(self.w_embedder[2].weight)
             nn.init.zeros_(self.w_embedder[2].bias)
 
+    def repeated_blocks(self) -> nn.ModuleList:
+        """The identical transformer blocks: what regional compilation compiles (e2ediff.adapters.speed.compile_network,
+        the same contract as the PixArt adapter's)."""
+        return self.blocks
+
     def enable_gradient_checkpointing(self, flag: bool = True) -> None:
         """Recompute each block's activations in backward (torch.utils.checkpoint, non-reentrant)."""
         self.gradient_checkpointing = flag
