@@ -8,6 +8,7 @@ and each FD as a ratio to the student's at the same K (the issue-#9 bar: ≤ 0.7
     python scripts/results_probe.py DIR --best-per-family            # the best export of each family of rows
     python scripts/results_probe.py DIR --best ROW --bar             # ... ranked by the issue's bar first (round 8)
     python scripts/results_probe.py DIR --best ROW --bar --margin    # ... then by the widest margin (round 16)
+    python scripts/results_probe.py DIR [DIR ...] --group FAMILY --bar --margin   # one dial for a recipe's seeds
 
 A row NAME@STEP is the export of row NAME at that training step; they follow their row's name in step order. NAME@STEPwW
 or NAME@STEPwWgGAMMA is that export sampled at guidance input W (and renoise_gamma GAMMA): `--best` chooses among
@@ -16,6 +17,7 @@ them too.
 from __future__ import annotations
 
 import json
+import statistics
 import sys
 from pathlib import Path
 
@@ -102,6 +104,42 @@ def best_exports(folder: Path, names: list[str] | None = None, per_family: bool 
     return [export for _, export in ranked]   # best first: fewest bar misses, then the mean FD ratio (or margin)
 
 
+def group_choice(folders: list[Path], family: str, bar: bool = False,
+                 margin: bool = False) -> list[tuple[str, int, dict[int, dict[str, float]], int, float]]:
+    """One export step and sampling dial for every seed of a recipe together (round 17), chosen on val: the rows of
+    ``family`` (the row name without its ``_sSEED``) from every folder (the student's row from the first that has
+    one), grouped by what follows the ``@`` (STEP[wW][gGAMMA]); each group that has every seed is scored by the mean
+    of the seeds' FD, alignment and diversity and ranked as ``best_exports`` ranks one row's exports. Returns, best
+    first, (``@STEP...``, seeds, mean row per K, bar misses, smallest margin)."""
+    rows: dict[str, dict[int, dict]] = {}
+    for folder in folders:
+        for name, by_k in load(folder, "val").items():
+            if name != "student" or "student" not in rows:
+                rows.setdefault(name, by_k)
+    if "student" not in rows:
+        raise ValueError(f"no student val row in {', '.join(map(str, folders))}")
+    groups: dict[str, dict[str, dict[int, dict]]] = {}
+    for export, by_k in rows.items():
+        row, _, at = export.partition("@")
+        if at and row.rsplit("_s", 1)[0] == family:
+            groups.setdefault(at, {})[row] = by_k
+    if not groups:
+        raise ValueError(f"no exports of family {family!r} in {', '.join(map(str, folders))}")
+    seeds = max(len(g) for g in groups.values())
+    ks = row_ks(family)
+    ranked = []
+    for at, members in groups.items():
+        if len(members) < seeds or any(k not in by_k for by_k in members.values() for k in ks):
+            continue                                        # a dial not scored for every seed is not a candidate
+        mean = {k: {m: statistics.fmean(by_k[k][m] for by_k in members.values())
+                    for m in ("fd", "alignment", "diversity_rel")} for k in ks}
+        scored = {"student": rows["student"], f"{family}@{at}": mean}
+        misses, smallest = bar_misses(scored, f"{family}@{at}"), bar_margin(scored, f"{family}@{at}")
+        key = (misses if bar else 0, -smallest if bar and margin else val_score(scored, f"{family}@{at}"))
+        ranked.append((key, (at, len(members), mean, misses, smallest)))
+    return [item for _, item in sorted(ranked, key=lambda pair: pair[0])]
+
+
 def main(folder: Path, plain: bool = False, split: str = "val") -> None:
     rows = load(folder, split)
     ref = rows.get("student", {})
@@ -127,6 +165,14 @@ def main(folder: Path, plain: bool = False, split: str = "val") -> None:
 
 if __name__ == "__main__":
     args = sys.argv[2:]
+    if "--group" in args:   # the dial for a recipe's seeds together, best first, one line each
+        folders = [Path(sys.argv[1])] + [Path(a) for a in args[:args.index("--group")]]
+        for at, n, mean, misses, smallest in group_choice(folders, args[args.index("--group") + 1], "--bar" in args,
+                                                          "--margin" in args):
+            cells = "  ".join(f"K={k}: {r['fd']:.3f} / {r['alignment']:.4f} / {r['diversity_rel']:.3f}"
+                              for k, r in mean.items())
+            print(f"@{at}  {n} seeds  mean {cells}  misses {misses}  margin {smallest:+.4f}")
+        sys.exit(0)
     if "--best" in args or "--best-per-family" in args:   # one NAME@STEP a line (quality_probe.sh's selection on val)
         flag = "--best" if "--best" in args else "--best-per-family"
         names = [a for a in args[args.index(flag) + 1:] if not a.startswith("--")]

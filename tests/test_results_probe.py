@@ -63,3 +63,52 @@ def test_a_row_that_misses_ranks_after_one_that_passes(folder):
     write(folder, "k2z_s0@1000", 2, (1.0, 0.90, 0.95))     # alignment under the student's: one miss
     assert probe.best_exports(folder, ["k2y_s0", "k2z_s0", "k2x_s0"], bar=True, margin=True) == [
         "k2y_s0@1000", "k2x_s0@1528w1.75g0.4", "k2z_s0@1000"]
+
+
+# round 17's K = 2 val rows of the recipe's three seeds at step 1528 (docs/results.md), seed 0 in another folder
+SEEDS = {"1.5": [(1.551, 0.9126, 0.917), (1.493, 0.9102, 0.922), (1.464, 0.9140, 0.916)],
+         "1.75": [(1.456, 0.9178, 0.909), (1.337, 0.9194, 0.908), (1.403, 0.9210, 0.905)],
+         "2.0": [(1.398, 0.9210, 0.902), (1.309, 0.9206, 0.904), (1.332, 0.9260, 0.898)],
+         "1.75g0.4": [(1.454, 0.9180, 0.913), (1.330, 0.9184, 0.911), (1.396, 0.9208, 0.908)],
+         "2.0g0.4": [(1.394, 0.9220, 0.905), (1.298, 0.9194, 0.907), (1.322, 0.9256, 0.901)]}
+
+
+@pytest.fixture
+def seed_folders(tmp_path):
+    first, second = tmp_path / "seed0", tmp_path / "seeds12"
+    first.mkdir(), second.mkdir()
+    write(second, "student", 2, STUDENT)
+    for dial, rows in SEEDS.items():
+        tag = "" if dial == "1.5" else f"w{dial}"
+        for seed, row in enumerate(rows):
+            write(first if seed == 0 else second, f"k2x_s{seed}@1528{tag}", 2, row)
+    write(second, "k2x_s1@1528w3.0", 2, (1.0, 0.95, 0.95))   # one seed only: never a candidate
+    write(second, "k2y_s1@1528w2.0", 2, (1.0, 0.95, 0.95))   # another recipe
+    return first, second
+
+
+def test_group_choice_scores_each_dial_by_the_mean_of_every_seed(seed_folders):
+    ranked = probe.group_choice(list(seed_folders), "k2x", bar=True, margin=True)
+    assert [at for at, *_ in ranked] == ["1528w1.75g0.4", "1528w1.75", "1528w2.0g0.4", "1528w2.0", "1528"]
+    at, seeds, mean, misses, smallest = ranked[0]
+    rows = SEEDS["1.75g0.4"]
+    assert seeds == 3 and misses == 0
+    assert mean[2]["fd"] == pytest.approx(sum(r[0] for r in rows) / 3)
+    assert mean[2]["alignment"] == pytest.approx(sum(r[1] for r in rows) / 3)
+    expected = min(0.7 - mean[2]["fd"] / STUDENT[0], mean[2]["alignment"] - STUDENT[1],
+                   mean[2]["diversity_rel"] - 0.9, 1.1 - mean[2]["diversity_rel"])
+    assert smallest == pytest.approx(expected) and smallest == pytest.approx(0.0075, abs=5e-5)
+    # by the lowest mean FD among dials that pass, w 2 with gamma 0.4
+    assert probe.group_choice(list(seed_folders), "k2x", bar=True)[0][0] == "1528w2.0g0.4"
+    out = subprocess.run([sys.executable, str(SCRIPT), *map(str, seed_folders), "--group", "k2x", "--bar", "--margin"],
+                         capture_output=True, text=True, check=True).stdout.splitlines()
+    assert out[0].startswith("@1528w1.75g0.4  3 seeds") and len(out) == 5
+
+
+def test_group_choice_names_what_is_missing(tmp_path):
+    write(tmp_path, "k2x_s0@1528", 2, SEEDS["1.5"][0])
+    with pytest.raises(ValueError, match="no student val row"):
+        probe.group_choice([tmp_path], "k2x")
+    write(tmp_path, "student", 2, STUDENT)
+    with pytest.raises(ValueError, match="no exports of family 'k2z'"):
+        probe.group_choice([tmp_path], "k2z")

@@ -405,6 +405,9 @@ if [[ "${STAGE:-all}" == teacher ]]; then   # round 9: the anchor's target is th
   # with 3 seeds at w 2, γ 0.7; K = 2 seed 0 at 1,528 steps meets it at w 1.75, γ 0.4 (the shipped files). Next
   # (planned): seeds 1 and 2 of the K = 2 row to ~1,530 steps (TEACHER_ROWS="k2:16:10:1:4:h5g5 k2:16:10:2:4:h5g5",
   # two calls of ~480 s and ~300 s), with BAR=margin and EVAL_DIALS_K2="1.5 1.75 2.0 1.75/0.4 2.0/0.4".
+  # Round 17 (run 2026-12-07, docs/results.md "Round 17"): those two rows with K2_STEPS=1528, 400 s + 70 s (2 rows:
+  # ~0.28 s a step on an H100), then FINAL=1 BAR=margin; the dial for the 3 seeds together on val:
+  # `results_probe.py DIR... --group k2t16a10h5g5c4 --bar --margin` -> w 1.75, γ 0.4; K = 2 meets the bar with 3 seeds.
   for spec in ${TEACHER_ROWS:-mix:16:10:0 mix:16:10:1 mix:16:10:2 k2:16:10:0 k2:16:10:1 k2:16:10:2 mix:16:3:0 k2:16:3:0}; do
     IFS=: read -r fam steps lam seed chains tag <<< "$spec"
     xv=X_${tag:-none}; tagx=${!xv:-}
