@@ -79,6 +79,13 @@ def bar_margin(rows: dict[str, dict[int, dict]], name: str) -> float:
     return min(bar_margins(rows, name))
 
 
+def choice_key(rows: dict[str, dict[int, dict]], name: str, bar: bool = False,
+               margin: bool = False) -> tuple[int, float]:
+    """How the choice on val ranks an export, lowest first: its missed bar conditions (``bar``, else 0), then the
+    negated smallest margin (``bar`` and ``margin``) or the val score. KeyError if a needed row is missing."""
+    return (bar_misses(rows, name) if bar else 0, -bar_margin(rows, name) if bar and margin else val_score(rows, name))
+
+
 def best_exports(folder: Path, names: list[str] | None = None, per_family: bool = False,
                  bar: bool = False, margin: bool = False) -> list[str]:
     """The export NAME@STEP of each row (``names``, default every row with scored exports) with the lowest val score;
@@ -92,8 +99,7 @@ def best_exports(folder: Path, names: list[str] | None = None, per_family: bool 
         if "@" not in export or (names and row not in names):
             continue
         try:
-            score = (bar_misses(rows, export) if bar else 0,
-                     -bar_margin(rows, export) if bar and margin else val_score(rows, export))
+            score = choice_key(rows, export, bar, margin)
         except KeyError:
             continue
         key = row.rsplit("_s", 1)[0] if per_family else row
@@ -133,10 +139,10 @@ def group_choice(folders: list[Path], family: str, bar: bool = False,
             continue                                        # a dial not scored for every seed is not a candidate
         mean = {k: {m: statistics.fmean(by_k[k][m] for by_k in members.values())
                     for m in ("fd", "alignment", "diversity_rel")} for k in ks}
-        scored = {"student": rows["student"], f"{family}@{at}": mean}
-        misses, smallest = bar_misses(scored, f"{family}@{at}"), bar_margin(scored, f"{family}@{at}")
-        key = (misses if bar else 0, -smallest if bar and margin else val_score(scored, f"{family}@{at}"))
-        ranked.append((key, (at, len(members), mean, misses, smallest)))
+        name = f"{family}@{at}"
+        scored = {"student": rows["student"], name: mean}
+        ranked.append((choice_key(scored, name, bar, margin),
+                       (at, len(members), mean, bar_misses(scored, name), bar_margin(scored, name))))
     return [item for _, item in sorted(ranked, key=lambda pair: pair[0])]
 
 

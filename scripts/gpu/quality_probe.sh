@@ -419,10 +419,9 @@ if [[ "${STAGE:-all}" == teacher ]]; then   # round 9: the anchor's target is th
     [[ $fam == k2* ]] && preset=anchored-2step && init=${K2_INIT:-$init}
     # round 15: k4 (`anchored` with K fixed at 4, one model per K as k2 is), from K4_INIT (default base/e2e)
     [[ $fam == k4* ]] && x="$x sampler_steps=4 sampler_steps_mix=null" && init=${K4_INIT:-$init}
-    # round 16: K4_STEPS stops the k4 rows at that step (round 15's seeds stopped at 907-914 by time)
-    [[ $fam == k4* && -n ${K4_STEPS:-} ]] && x="$x train.steps=$K4_STEPS"
-    # round 17: K2_STEPS, the same for the k2 rows (round 16's seed 0 stopped at 1,528 by time)
-    [[ $fam == k2* && -n ${K2_STEPS:-} ]] && x="$x train.steps=$K2_STEPS"
+    # K4_STEPS / K2_STEPS (rounds 16 / 17) stop the k4 / k2 rows at that step (before, rows stopped by time)
+    cap=${fam:0:2}_STEPS; cap=${cap^^}
+    [[ $fam == k[24]* && -n ${!cap:-} ]] && x="$x train.steps=${!cap}"
     [[ $fam == *p ]] && x="loss.anchor_samples=${chains:-1} $tagx"   # round 13: the tag's overrides kept
     (PRESET=$preset INIT=$init row "$name" $A loss.anchor="$lam" loss.anchor_to=teacher \
        loss.teacher="$T" loss.teacher_steps="$steps" $x train.seed="$seed"; final "$name"; save) &
